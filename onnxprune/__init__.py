@@ -1,0 +1,3 @@
+"""onnxprune: structured channel pruning of exported ONNX CNNs."""
+
+__version__ = "0.1.0"

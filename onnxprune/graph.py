@@ -1,0 +1,418 @@
+"""Load, inspect and save ONNX models safely.
+
+* :func:`load_model` reads a path (external data too), refusing external data
+  that points outside the model's folder, and reports every failure as a
+  :class:`~onnxprune.errors.BadModelError` naming the file and the fix.
+* :func:`infer_shapes` returns a shape for every tensor it can, using ONNX
+  shape inference first and an ONNX Runtime dry run (batch 1) for what is
+  still unknown.
+* :func:`save_model` writes atomically: a temporary file in the target folder,
+  then ``os.replace``; a failure leaves nothing behind.
+* :class:`GraphIndex` maps tensors to their producer, consumers and constant
+  values (initializers or ``Constant`` nodes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .errors import BadModelError, OutputError, ShapeError, UsageError
+
+log = logging.getLogger(__name__)
+
+#: Models above this size (protobuf limit) are saved with external data.
+PROTOBUF_LIMIT = 2**31 - 2**20
+Shape = tuple  # tuple of int | None; None is an unknown or symbolic dim
+
+
+# --------------------------------------------------------------------------- load
+def _check_external_locations(model: onnx.ModelProto, base: Path) -> None:
+    base_resolved = base.resolve()
+    for tensor in _all_tensors(model):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        loc = info.get("location", "")
+        if not loc or os.path.isabs(loc) or ".." in Path(loc).parts:
+            raise BadModelError(
+                f"initializer '{tensor.name}' points to external data '{loc}' outside the model's folder",
+                fix="keep external data files next to the model (relative paths without '..')",
+            )
+        target = (base / loc).resolve()
+        if base_resolved not in target.parents and target != base_resolved:
+            raise BadModelError(
+                f"initializer '{tensor.name}' points to external data '{loc}' outside the model's folder",
+                fix="keep external data files next to the model",
+            )
+        if not target.is_file():
+            raise BadModelError(
+                f"external data file '{loc}' for initializer '{tensor.name}' is missing",
+                fix=f"copy '{loc}' next to the model in {base}",
+            )
+        length = int(info.get("length", "-1") or -1)
+        offset = int(info.get("offset", "0") or 0)
+        size = target.stat().st_size
+        if offset < 0 or offset > size or (length >= 0 and offset + length > size):
+            raise BadModelError(
+                f"external data file '{loc}' is shorter than initializer '{tensor.name}' needs (truncated?)",
+                fix="re-export the model or restore the complete data file",
+            )
+
+
+def _all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    yield from model.graph.initializer
+    for node in model.graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t
+
+
+def load_model(path: str | os.PathLike, *, load_weights: bool = True) -> onnx.ModelProto:
+    """Read an ONNX model from ``path``; raise :class:`BadModelError` on any problem.
+
+    Example: ``model = load_model("resnet.onnx")``.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise BadModelError(f"model file '{p}' does not exist", fix="check the path")
+    if p.is_dir():
+        raise BadModelError(f"'{p}' is a directory, not a model file", fix="pass the path of an .onnx file")
+    if not os.access(p, os.R_OK):
+        raise BadModelError(f"model file '{p}' is not readable", fix="check its permissions")
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+    except Exception as exc:  # protobuf raises DecodeError and friends
+        raise BadModelError(
+            f"'{p}' is not a valid ONNX model ({type(exc).__name__}: {str(exc)[:120]})",
+            fix="pass an ONNX file exported by torch.onnx, tf2onnx or similar; the file may be truncated",
+        ) from exc
+    if not model.graph.node and not model.graph.input:
+        raise BadModelError(
+            f"'{p}' does not contain an ONNX graph (empty or not an ONNX file)",
+            fix="pass an ONNX file exported by torch.onnx, tf2onnx or similar",
+        )
+    _check_external_locations(model, p.parent)
+    if load_weights:
+        try:
+            onnx.external_data_helper.load_external_data_for_model(model, str(p.parent))
+        except Exception as exc:
+            raise BadModelError(f"cannot read external data of '{p}': {exc}", fix="restore the data files") from exc
+    try:
+        onnx.checker.check_model(model if model.ByteSize() < PROTOBUF_LIMIT else str(p))
+    except Exception as exc:
+        raise BadModelError(
+            f"'{p}' fails the ONNX checker: {str(exc).splitlines()[0][:200]}",
+            fix="re-export the model; onnxprune only reads valid ONNX",
+        ) from exc
+    return model
+
+
+# --------------------------------------------------------------------------- shapes
+def parse_input_shape(spec: str) -> tuple[str, tuple[int, ...]]:
+    """Parse ``NAME:1x3x224x224`` into ``("NAME", (1, 3, 224, 224))``."""
+    name, sep, dims = spec.rpartition(":")
+    try:
+        if not sep or not name:
+            raise ValueError
+        shape = tuple(int(d) for d in dims.lower().split("x"))
+        if not shape or any(d <= 0 for d in shape):
+            raise ValueError
+    except ValueError:
+        raise UsageError(
+            f"malformed --input-shape '{spec}'",
+            fix="write it as NAME:DIMS with positive integers, e.g. --input-shape input:1x3x224x224",
+        ) from None
+    return name, shape
+
+
+def _dims(vi: onnx.ValueInfoProto) -> Shape | None:
+    t = vi.type.tensor_type
+    if not t.HasField("shape"):
+        return None
+    return tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in t.shape.dim)
+
+
+def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """Graph inputs that are not initializers (the data the user feeds)."""
+    inits = {i.name for i in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in inits]
+
+
+def with_input_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]]) -> onnx.ModelProto:
+    """Return a copy whose graph inputs have the given fixed shapes."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    names = {i.name: i for i in graph_inputs(m)}
+    for name, shape in input_shapes.items():
+        if name not in names:
+            raise UsageError(
+                f"--input-shape names '{name}', which is not a model input",
+                fix=f"use one of: {', '.join(names) or '(none)'}",
+            )
+        vi = names[name]
+        old = _dims(vi)
+        if old is not None and len(old) != len(shape):
+            raise UsageError(
+                f"--input-shape for '{name}' has {len(shape)} dims but the input has rank {len(old)}",
+                fix=f"give {len(old)} dims, e.g. {name}:{'x'.join(str(d or 1) for d in old)}",
+            )
+        dims = vi.type.tensor_type.shape.dim
+        del dims[:]
+        for d in shape:
+            dims.add().dim_value = int(d)
+    return m
+
+
+def _ort_shapes(model: onnx.ModelProto, wanted: Sequence[str]) -> dict[str, Shape]:
+    """Run the model once on zeros (batch 1) and read the shapes of ``wanted``."""
+    import onnxruntime as ort
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output}
+    for name in wanted:
+        if name not in have:
+            m.graph.output.add().name = name
+    feeds = {}
+    for vi in graph_inputs(m):
+        dims = _dims(vi)
+        if dims is None:
+            raise ShapeError(f"input '{vi.name}' has no shape", fix=f"pass --input-shape {vi.name}:1x3x224x224")
+        shape = [1 if d is None else d for d in dims]
+        if any(d is None for d in dims[1:]):
+            raise ShapeError(
+                f"input '{vi.name}' has dynamic dims {['?' if d is None else d for d in dims]} and shapes cannot be inferred",
+                fix=f"pass --input-shape {vi.name}:{'x'.join(str(d or 1) for d in [1, *dims[1:]])} with the real sizes",
+            )
+        elem = onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
+        feeds[vi.name] = np.zeros(shape, dtype=elem)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.log_severity_level = 3
+    try:
+        sess = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        outs = sess.run(list(wanted), feeds)
+    except Exception as exc:
+        raise ShapeError(
+            f"shapes could not be inferred and a dry run failed: {str(exc).splitlines()[0][:200]}",
+            fix="pass --input-shape NAME:DIMS for each input",
+        ) from exc
+    return {n: tuple(int(d) for d in o.shape) for n, o in zip(wanted, outs)}
+
+
+def infer_shapes(
+    model: onnx.ModelProto, *, input_shapes: Mapping[str, Sequence[int]] | None = None, need: Sequence[str] = ()
+) -> dict[str, Shape]:
+    """Shapes of all tensors (per ONNX inference, batch dims may be ``None``).
+
+    Tensors listed in ``need`` must end up with known dims after the first
+    axis; those still unknown are measured with an ONNX Runtime dry run.
+    """
+    if input_shapes:
+        model = with_input_shapes(model, input_shapes)
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    del m.graph.value_info[:]
+    try:
+        inferred = onnx.shape_inference.infer_shapes(m, data_prop=True)
+    except Exception as exc:
+        log.debug("onnx shape inference failed: %s", exc)
+        inferred = m
+    shapes: dict[str, Shape] = {}
+    for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+        d = _dims(vi)
+        if d is not None:
+            shapes[vi.name] = d
+    for init in model.graph.initializer:
+        shapes[init.name] = tuple(init.dims)
+    missing = [n for n in need if n not in shapes or any(x is None for x in shapes[n][1:])]
+    if missing:
+        log.debug("running ONNX Runtime to measure %d shapes", len(missing))
+        measured = _ort_shapes(model, missing)
+        for n, s in measured.items():
+            old = shapes.get(n)
+            # keep a symbolic batch dim symbolic
+            if old and len(old) == len(s) and old[0] is None:
+                s = (None, *s[1:])
+            shapes[n] = s
+    return shapes
+
+
+# --------------------------------------------------------------------------- index
+@dataclass
+class GraphIndex:
+    """Producer/consumer maps and constant lookup for one model (read-only use)."""
+
+    model: onnx.ModelProto
+
+    def __post_init__(self) -> None:
+        g = self.model.graph
+        self.initializers: dict[str, onnx.TensorProto] = {t.name: t for t in g.initializer}
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        self.constant_nodes: dict[str, onnx.NodeProto] = {}
+        for node in g.node:
+            for o in node.output:
+                if o:
+                    self.producer[o] = node
+            for i in node.input:
+                if i:
+                    self.consumers[i].append(node)
+            if node.op_type == "Constant" and node.output:
+                self.constant_nodes[node.output[0]] = node
+        self.graph_outputs = {o.name for o in g.output}
+        self.graph_inputs = {i.name for i in graph_inputs(self.model)}
+
+    def const(self, name: str) -> np.ndarray | None:
+        """Value of ``name`` if it is an initializer or a ``Constant`` output."""
+        if not name:
+            return None
+        t = self.initializers.get(name)
+        if t is not None:
+            return numpy_helper.to_array(t)
+        node = self.constant_nodes.get(name)
+        if node is None:
+            return None
+        for a in node.attribute:
+            if a.name == "value":
+                return numpy_helper.to_array(a.t)
+            if a.name == "value_float":
+                return np.array(a.f, dtype=np.float32)
+            if a.name == "value_floats":
+                return np.array(list(a.floats), dtype=np.float32)
+            if a.name == "value_int":
+                return np.array(a.i, dtype=np.int64)
+            if a.name == "value_ints":
+                return np.array(list(a.ints), dtype=np.int64)
+        return None
+
+    def is_const(self, name: str) -> bool:
+        return name in self.initializers or name in self.constant_nodes
+
+
+def attr(node: onnx.NodeProto, name: str, default=None):
+    """Attribute value of ``node`` (ints, floats, strings decoded), or ``default``."""
+    for a in node.attribute:
+        if a.name == name:
+            v = onnx.helper.get_attribute_value(a)
+            if isinstance(v, bytes):
+                return v.decode()
+            if isinstance(v, list) and v and isinstance(v[0], bytes):
+                return [x.decode() for x in v]
+            return v
+    return default
+
+
+def node_label(node: onnx.NodeProto) -> str:
+    """A name for messages: the node name, or its first output when unnamed."""
+    return node.name or (node.output[0] if node.output else node.op_type)
+
+
+def ensure_node_names(model: onnx.ModelProto) -> None:
+    """Give unnamed nodes a unique name (``op_type_k``) in place."""
+    seen = {n.name for n in model.graph.node if n.name}
+    for k, node in enumerate(model.graph.node):
+        if not node.name:
+            name = f"{node.op_type}_{k}"
+            while name in seen:
+                name += "_"
+            node.name = name
+            seen.add(name)
+
+
+def opset_version(model: onnx.ModelProto) -> int:
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            return o.version
+    return 1
+
+
+# --------------------------------------------------------------------------- save
+def check_output_path(out: str | os.PathLike, *, input_path: str | os.PathLike | None = None, force: bool = False) -> Path:
+    """Validate an output path before any work is done; return it as a Path."""
+    o = Path(out)
+    if input_path is not None and o.resolve() == Path(input_path).resolve():
+        raise OutputError(f"output '{o}' is the input model", fix="choose another name with -o/--output")
+    if not o.parent.exists():
+        raise OutputError(f"output folder '{o.parent}' does not exist", fix=f"create it first (mkdir -p {o.parent})")
+    if o.is_dir():
+        raise OutputError(f"output '{o}' is a directory", fix="give a file name with -o/--output")
+    if not os.access(o.parent, os.W_OK):
+        raise OutputError(f"output folder '{o.parent}' is not writable", fix="choose a writable folder with -o/--output")
+    if o.exists() and not force:
+        raise OutputError(f"output '{o}' already exists", fix="pass --force to overwrite it or choose another name")
+    return o
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``target``; on success rename it to ``target``.
+
+    On any exception (KeyboardInterrupt included) the temporary file is removed.
+    """
+    target = Path(target)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+        raise
+
+
+def write_bytes_atomic(target: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text_atomic(target: str | os.PathLike, text: str) -> None:
+    write_bytes_atomic(target, text.encode())
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool | None = None) -> Path:
+    """Save ``model`` atomically. Large models (>2 GB) go to ``<name>.data`` beside it."""
+    path = Path(path)
+    if external_data is None:
+        external_data = model.ByteSize() >= PROTOBUF_LIMIT if _all_inline(model) else True
+    if not external_data:
+        try:
+            data = model.SerializeToString()
+        except ValueError as exc:  # protobuf refuses >2GB
+            raise OutputError(f"model too large to serialize: {exc}", fix="save with external data") from exc
+        write_bytes_atomic(path, data)
+        return path
+    data_name = path.name + ".data"
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    # data first, then the model that points at it: a reader never sees a model
+    # whose data file is missing or half-written.
+    with atomic_path(path.parent / data_name) as tmp_data:
+        tmp_data.unlink()
+        onnx.external_data_helper.convert_model_to_external_data(
+            m, all_tensors_to_one_file=True, location=tmp_data.name, size_threshold=1024
+        )
+        onnx.external_data_helper.write_external_data_tensors(m, str(path.parent))
+    for t in _all_tensors(m):
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = data_name
+    write_bytes_atomic(path, m.SerializeToString())
+    return path
+
+
+def _all_inline(model: onnx.ModelProto) -> bool:
+    return all(t.data_location != onnx.TensorProto.EXTERNAL for t in _all_tensors(model))
