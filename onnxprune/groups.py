@@ -32,6 +32,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import onnx
+import onnx.numpy_helper
 
 from . import rules
 from .edits import ComputeMap, Edit, ShapeEntry, SliceTensor
@@ -314,6 +315,14 @@ class _Context:
         try:
             if op in ("Identity", "Cast"):
                 return args[0]
+            if op == "ConstantOfShape":
+                val = rules.attr(node, "value")
+                fill = 0 if val is None else onnx.numpy_helper.to_array(val).ravel()[0]
+                return np.full(tuple(int(d) for d in args[0]), fill)
+            if op == "Reshape":
+                return np.reshape(args[0], tuple(int(d) for d in args[1]))
+            if op == "Transpose":
+                return np.transpose(args[0], rules.attr(node, "perm"))
             if op in ("Add", "Sub", "Mul", "Div"):
                 a, b = args
                 if a.dtype.kind not in "iuf" or b.dtype.kind not in "iuf":

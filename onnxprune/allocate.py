@@ -1,0 +1,296 @@
+"""Choose how many channels each group keeps to meet a MAC-reduction target.
+
+Whole channels make ``reduction(ratio)`` a staircase, and rounding kept counts
+to multiples of ``round_to`` makes it non-monotone. So every strategy works
+on *achievable* kept counts (multiples of ``round_to`` plus the full count,
+never zero), and ends with a greedy back-off: while some group can keep one
+more step of channels and the target still holds, give back the step that
+leaves the reduction closest to the target. The report gives achieved vs
+target.
+
+* :func:`uniform` (ACRA strategy 1): one ratio ``r`` for every prunable group;
+  the smallest ``r`` whose reduction reaches the target (grid scan, then
+  bisection inside the first bracket that crosses it).
+* :func:`by_threshold` (ACRA strategy 2): each group gets the largest ratio
+  whose monotone-envelope drop stays under a threshold ``t`` (linear
+  interpolation between grid points); ``t`` is bisected to meet the target.
+* :func:`cost_aware`: greedily removes the step with the smallest
+  ``drop increase / MACs removed`` until the target is met.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import numpy as np
+
+from .errors import TargetError, UsageError
+from .groups import ChannelGraph
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """Kept channel count per group and what it achieves."""
+
+    keep: Mapping[str, int]
+    macs: int
+    total_macs: int
+    target: float
+    strategy: str
+    detail: Mapping[str, float] = field(default_factory=dict)
+
+    @property
+    def reduction(self) -> float:
+        return 1.0 - self.macs / self.total_macs if self.total_macs else 0.0
+
+
+def achievable(channels: int, round_to: int) -> np.ndarray:
+    """Kept counts a group may have, ascending: multiples of ``round_to`` and the full count.
+
+    ``achievable(64, 16) -> [16, 32, 48, 64]``; ``achievable(12, 16) -> [12]``.
+    """
+    if round_to < 1:
+        raise UsageError(f"--round-to must be >= 1, got {round_to}", fix="use --round-to 1 to disable rounding")
+    if round_to == 1:
+        return np.arange(1, channels + 1)
+    vals = list(range(round_to, channels, round_to)) + [channels]
+    return np.array(sorted(set(vals)))
+
+
+def nearest(counts: np.ndarray, want: float) -> int:
+    """The achievable count nearest to ``want`` (ties go to the larger count)."""
+    d = np.abs(counts - want)
+    best = np.flatnonzero(d == d.min())
+    return int(counts[best[-1]])
+
+
+class MaskBuilder:
+    """Turns kept counts into unit masks (best-scored units first) and counts MACs."""
+
+    def __init__(self, cg: ChannelGraph, scores: np.ndarray):
+        self.cg = cg
+        self.order = {}
+        for g in cg.prunable_groups:
+            units = np.array(g.units)
+            self.order[g.id] = units[np.lexsort((np.arange(len(units)), -scores[units]))]
+
+    def mask(self, keep: Mapping[str, int]) -> np.ndarray:
+        m = self.cg.full_mask()
+        for gid, n in keep.items():
+            order = self.order.get(gid)
+            if order is not None and n < len(order):
+                m[order[max(1, int(n)) :]] = False
+        return m
+
+    def macs(self, keep: Mapping[str, int]) -> int:
+        return self.cg.macs(self.mask(keep))
+
+
+def _check_target(target: float) -> None:
+    if not (0.0 < target < 1.0):
+        raise UsageError(
+            f"--target-flops must be a fraction of MACs to remove between 0 and 1 (exclusive), got {target}",
+            fix="e.g. --target-flops 0.3 removes 30%% of the MACs".replace("%%", "%"),
+        )
+
+
+class _Search:
+    def __init__(self, cg: ChannelGraph, builder: MaskBuilder, target: float, round_to: int):
+        _check_target(target)
+        self.cg, self.builder, self.target = cg, builder, target
+        self.total = cg.total_macs
+        self.groups = list(cg.prunable_groups)
+        if not self.groups:
+            reasons = sorted({g.blocked_reason for g in cg.groups if g.blocked_reason})
+            raise TargetError(
+                "no channel group can be pruned" + (f" ({reasons[0]})" if reasons else ""),
+                fix="run 'onnxprune analyze MODEL' to see why each group is blocked; check --exclude",
+            )
+        self.ach = {g.id: achievable(g.channels, round_to) for g in self.groups}
+        self.channels = {g.id: g.channels for g in self.groups}
+        floor = {gid: int(a[0]) for gid, a in self.ach.items()}
+        self.max_reduction = self.reduction(floor)
+        if self.max_reduction < target:
+            raise TargetError(
+                f"target -{target:.1%} MACs is unreachable: at most -{self.max_reduction:.1%} can be removed "
+                f"({sum(len(a) == 1 for a in self.ach.values())} groups cannot shrink at --round-to {round_to}, "
+                f"{len(cg.groups) - len(self.groups)} are blocked)",
+                fix=f"lower --target-flops to at most {self.max_reduction:.3f}, lower --round-to, or remove --exclude patterns",
+            )
+
+    def reduction(self, keep: Mapping[str, int]) -> float:
+        return 1.0 - self.builder.macs(keep) / self.total
+
+    def refine(self, keep: dict[str, int]) -> dict[str, int]:
+        """Give channels back while the target still holds (closest-to-target first)."""
+        keep = dict(keep)
+        while True:
+            best = None
+            for gid, n in keep.items():
+                a = self.ach[gid]
+                i = int(np.searchsorted(a, n))
+                if i + 1 >= len(a):
+                    continue
+                trial = {**keep, gid: int(a[i + 1])}
+                red = self.reduction(trial)
+                if red >= self.target and (best is None or red < best[0]):
+                    best = (red, gid, int(a[i + 1]))
+            if best is None:
+                return keep
+            keep[best[1]] = best[2]
+
+    def result(self, keep: dict[str, int], strategy: str, detail: dict, refine: bool) -> Allocation:
+        if refine:
+            keep = self.refine(keep)
+        macs = self.builder.macs(keep)
+        return Allocation(keep=dict(keep), macs=macs, total_macs=self.total, target=self.target, strategy=strategy, detail=detail)
+
+
+def _bisect(f, lo: float, hi: float, target: float, steps: int = 40) -> float:
+    """Smallest x in [lo, hi] with f(x) >= target, given f(hi) >= target (staircase-safe)."""
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        if f(mid) >= target:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def uniform(cg: ChannelGraph, scores: np.ndarray, *, target: float, round_to: int = 8, refine: bool = True) -> Allocation:
+    """One ratio for every prunable group (ACRA strategy 1)."""
+    s = _Search(cg, MaskBuilder(cg, scores), target, round_to)
+
+    def keep_at(r: float) -> dict[str, int]:
+        return {gid: nearest(a, s.channels[gid] * (1 - r)) for gid, a in s.ach.items()}
+
+    def red(r: float) -> float:
+        return s.reduction(keep_at(r))
+
+    grid = np.linspace(0.0, 1.0, 201)
+    prev = 0.0
+    hi = 1.0
+    for r in grid:
+        if red(float(r)) >= target:
+            hi = float(r)
+            break
+        prev = float(r)
+    r = _bisect(red, prev, hi, target)
+    log.info("uniform ratio %.4f", r)
+    return s.result(keep_at(r), "uniform", {"ratio": r}, refine)
+
+
+@dataclass(frozen=True)
+class SensitivityCurves:
+    """Measured metric drop per group at each ratio of ``ratios`` (same order)."""
+
+    metric: str
+    baseline: float
+    ratios: tuple[float, ...]
+    drops: Mapping[str, tuple[float, ...]]
+
+    def envelope(self, gid: str) -> tuple[np.ndarray, np.ndarray]:
+        """(ratios, monotone envelope of drops), starting at (0, 0)."""
+        r = np.concatenate([[0.0], np.asarray(self.ratios, dtype=float)])
+        d = np.concatenate([[0.0], np.asarray(self.drops[gid], dtype=float)])
+        return r, np.maximum.accumulate(np.maximum(d, 0.0))
+
+    def drop_at(self, gid: str, ratio: float) -> float:
+        r, env = self.envelope(gid)
+        if ratio >= r[-1]:
+            # beyond the grid: extrapolate linearly to ratio 1 with the last slope, at least flat
+            slope = max((env[-1] - env[-2]) / max(r[-1] - r[-2], 1e-9), 0.0)
+            return float(env[-1] + slope * (ratio - r[-1]))
+        return float(np.interp(ratio, r, env))
+
+    def ratio_under(self, gid: str, t: float) -> float:
+        """Largest ratio whose envelope drop stays <= t (1.0 beyond the measured grid)."""
+        r, env = self.envelope(gid)
+        if env[-1] <= t:
+            return 1.0 if t > env[-1] else float(r[-1])
+        i = int(np.flatnonzero(env <= t)[-1])
+        if env[i + 1] == env[i]:
+            return float(r[i])
+        return float(r[i] + (t - env[i]) / (env[i + 1] - env[i]) * (r[i + 1] - r[i]))
+
+
+def _curves_for(curves: SensitivityCurves, s: _Search) -> None:
+    missing = [gid for gid in s.ach if gid not in curves.drops]
+    if missing:
+        raise UsageError(
+            f"sensitivity data has no curve for groups {', '.join(missing[:5])}",
+            fix="re-run the sensitivity analysis for this model (the cache may be for another model or --exclude)",
+        )
+
+
+def by_threshold(
+    cg: ChannelGraph, scores: np.ndarray, curves: SensitivityCurves, *, target: float, round_to: int = 8, refine: bool = True
+) -> Allocation:
+    """Largest per-group ratio under a common drop threshold, bisected on the threshold."""
+    s = _Search(cg, MaskBuilder(cg, scores), target, round_to)
+    _curves_for(curves, s)
+
+    def keep_at(t: float) -> dict[str, int]:
+        return {gid: nearest(a, s.channels[gid] * (1 - curves.ratio_under(gid, t))) for gid, a in s.ach.items()}
+
+    def red(t: float) -> float:
+        return s.reduction(keep_at(t))
+
+    top = max(float(max(v)) if len(v) else 0.0 for v in curves.drops.values())
+    hi = max(top, 0.0) + 1.0
+    if red(hi) < target:  # everything at its floor is the max reduction, checked above
+        hi = 1e9
+    lo = -1e-12
+    grid = np.linspace(0.0, hi, 101)
+    prev = lo
+    for t in grid:
+        if red(float(t)) >= target:
+            hi = float(t)
+            break
+        prev = float(t)
+    t = _bisect(red, prev, hi, target)
+    return s.result(keep_at(t), "sensitivity", {"threshold": t}, refine)
+
+
+def cost_aware(
+    cg: ChannelGraph, scores: np.ndarray, curves: SensitivityCurves, *, target: float, round_to: int = 8, refine: bool = True, max_levels: int = 32
+) -> Allocation:
+    """Greedy: remove the step with the least measured drop per removed MAC until the target holds."""
+    s = _Search(cg, MaskBuilder(cg, scores), target, round_to)
+    _curves_for(curves, s)
+    levels = {}
+    for gid, a in s.ach.items():
+        if len(a) > max_levels:  # coarser steps keep the greedy fast at --round-to 1
+            idx = np.unique(np.linspace(0, len(a) - 1, max_levels).round().astype(int))
+            a = a[idx]
+        levels[gid] = a
+    keep = {gid: int(a[-1]) for gid, a in levels.items()}
+    pos = {gid: len(a) - 1 for gid, a in levels.items()}
+    macs = s.builder.macs(keep)
+    goal = s.total * (1 - target)
+    while macs > goal:
+        best = None
+        for gid, i in pos.items():
+            if i == 0:
+                continue
+            n_new = int(levels[gid][i - 1])
+            trial = {**keep, gid: n_new}
+            m = s.builder.macs(trial)
+            saved = macs - m
+            if saved <= 0:
+                continue
+            c = s.channels[gid]
+            cost = curves.drop_at(gid, 1 - n_new / c) - curves.drop_at(gid, 1 - keep[gid] / c)
+            key = (max(cost, 0.0) / saved, -saved)
+            if best is None or key < best[0]:
+                best = (key, gid, n_new, m)
+        if best is None:
+            break
+        _, gid, n_new, macs = best
+        keep[gid] = n_new
+        pos[gid] -= 1
+    return s.result(keep, "cost-aware", {}, refine)

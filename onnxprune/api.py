@@ -1,0 +1,260 @@
+"""The main job as a Python API, mirroring ``onnxprune MODEL --target-flops R``.
+
+Example::
+
+    from onnxprune import prune, PruneOptions
+    result = prune("model.onnx", options=PruneOptions(target_flops=0.3), data="val.npz")
+    print("\\n".join(result.report.summary_lines()))
+
+Stages report progress through ``progress(stage, done, total)``; the library
+never prints.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import onnx
+
+from . import allocate
+from .data import ImageOptions, load_dataset
+from .errors import UsageError
+from .evaluate import Evaluator, compute_metrics, make_session
+from .flops import count
+from .graph import check_output_path, load_model, save_model
+from .groups import ChannelGraph, find_groups
+from .importance import CRITERIA, score_units
+from .plan import PruningPlan
+from .report import GroupRow, PruneReport
+from .rewrite import apply_mask
+from .sensitivity import DEFAULT_GRID, analyze
+
+log = logging.getLogger(__name__)
+
+StageProgress = Callable[[str, int, int], None]
+STRATEGIES = ("auto", "uniform", "sensitivity", "cost-aware")
+
+
+@dataclass(frozen=True)
+class PruneOptions:
+    """Options of the main job (the CLI flags of the same names)."""
+
+    target_flops: float = 0.3
+    strategy: str = "auto"  # auto: sensitivity with data, uniform without
+    criterion: str = "l1"
+    round_to: int = 8
+    exclude: tuple[str, ...] = ()
+    input_shapes: Mapping[str, tuple[int, ...]] | None = None
+    device: str = "auto"
+    batch_size: int = 64
+    limit: int | None = None
+    grid: tuple[float, ...] = DEFAULT_GRID
+    cache_dir: str | None = None
+    memory_budget_mb: float = 1024
+    seed: int = 0
+    image_options: ImageOptions | None = None
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise UsageError(f"unknown strategy '{self.strategy}'", fix=f"use --strategy {' | '.join(STRATEGIES)}")
+        if self.criterion not in CRITERIA:
+            raise UsageError(f"unknown criterion '{self.criterion}'", fix=f"use --criterion {' | '.join(CRITERIA)}")
+        if isinstance(self.target_flops, bool) or not (0.0 < float(self.target_flops) < 1.0):
+            raise UsageError(
+                f"--target-flops must be the fraction of MACs to remove, strictly between 0 and 1; got {self.target_flops}",
+                fix="e.g. --target-flops 0.3 removes 30% of the MACs",
+            )
+        if int(self.round_to) < 1:
+            raise UsageError(f"--round-to must be >= 1, got {self.round_to}", fix="use --round-to 1 to disable rounding")
+        if any(not (0 < r < 1) for r in self.grid):
+            raise UsageError(f"sensitivity ratios must be in (0, 1), got {self.grid}", fix="e.g. --grid 0.1,0.3,0.5,0.7")
+
+
+@dataclass(frozen=True, eq=False)
+class PruneResult:
+    model: onnx.ModelProto
+    report: PruneReport
+    plan: PruningPlan
+    output: Path | None
+
+
+def default_output(path: str | Path) -> Path:
+    """``model.onnx -> model.pruned.onnx`` in the same folder."""
+    p = Path(path)
+    stem = p.name[:-5] if p.name.endswith(".onnx") else p.name
+    return p.with_name(f"{stem}.pruned.onnx")
+
+
+def _noop(stage: str, done: int, total: int) -> None:
+    return None
+
+
+def cache_file(cache_dir: str | None, model_path: Path) -> Path | None:
+    if cache_dir is None:
+        return None
+    d = Path(cache_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    return d / f"{model_path.stem}.sensitivity.json"
+
+
+def build_evaluator(model: onnx.ModelProto, data: str, options: PruneOptions, progress: StageProgress) -> Evaluator:
+    ds = load_dataset(data, limit=options.limit, image_options=options.image_options)
+    return Evaluator.from_original(
+        ds, model, device=options.device, batch_size=options.batch_size, progress=lambda d, t: progress("reference", d, t)
+    )
+
+
+def allocate_plan(
+    cg: ChannelGraph,
+    scores: np.ndarray,
+    options: PruneOptions,
+    *,
+    evaluator: Evaluator | None,
+    cache: Path | None,
+    progress: StageProgress,
+) -> tuple[allocate.Allocation, dict]:
+    """Run the chosen strategy; returns the allocation and extra report details."""
+    strategy = options.strategy
+    if strategy == "auto":
+        strategy = "sensitivity" if evaluator is not None else "uniform"
+    if strategy == "uniform":
+        return allocate.uniform(cg, scores, target=options.target_flops, round_to=options.round_to), {}
+    if evaluator is None:
+        raise UsageError(f"--strategy {strategy} measures accuracy and needs data", fix="pass --data DATA or use --strategy uniform")
+    run = analyze(
+        cg,
+        scores,
+        evaluator,
+        grid=options.grid,
+        criterion=options.criterion,
+        cache_file=cache,
+        memory_budget_mb=options.memory_budget_mb,
+        progress=lambda d, t: progress("sensitivity", d, t),
+    )
+    fn = allocate.by_threshold if strategy == "sensitivity" else allocate.cost_aware
+    alloc = fn(cg, scores, run.curves, target=options.target_flops, round_to=options.round_to)
+    detail = {"sensitivity_seconds": run.seconds, "sensitivity_metric": run.curves.metric, "sensitivity_cached_groups": run.cached}
+    return alloc, detail
+
+
+def prune(
+    model_path: str | Path,
+    *,
+    options: PruneOptions = PruneOptions(),
+    data: str | None = None,
+    output: str | Path | None = None,
+    force: bool = False,
+    plan: str | Path | None = None,
+    save_plan: str | Path | None = None,
+    report_path: str | Path | None = None,
+    write: bool = True,
+    progress: StageProgress | None = None,
+) -> PruneResult:
+    """Prune ``model_path`` to remove ``options.target_flops`` of its MACs.
+
+    With ``data``, accuracy before/after is measured with ONNX Runtime (top-1
+    with labels, agreement with the original otherwise) and the default
+    strategy is sensitivity-based. ``plan`` re-applies a saved plan instead
+    of searching. Outputs are written atomically; the input is never touched.
+    """
+    progress = progress or _noop
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    model_path = Path(model_path)
+    out = None
+    if write:
+        out = check_output_path(output or default_output(model_path), input_path=model_path, force=force)
+        for extra in (report_path, save_plan):
+            if extra is not None:
+                check_output_path(extra, input_path=model_path, force=True)
+    model = load_model(model_path)
+    cg = find_groups(model, exclude=options.exclude, input_shapes=options.input_shapes)
+    before = count(cg.model, shapes=cg.shapes)
+    timings["analyze"] = time.perf_counter() - t0
+
+    evaluator = provider = None
+    metrics: dict[str, dict] = {}
+    if data is not None:
+        t = time.perf_counter()
+        evaluator = build_evaluator(cg.model, data, options, progress)
+        provider = make_session(cg.model, device=options.device).provider
+        ref = evaluator.reference_outputs
+        metrics["original"] = compute_metrics(list(ref), labels=evaluator.dataset.y, reference=ref).to_dict()
+        timings["reference"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    scores = score_units(cg, options.criterion, seed=options.seed)
+    detail: dict = {}
+    if plan is not None:
+        the_plan = PruningPlan.load(plan)
+        mask = the_plan.to_mask(cg)
+        strategy = "plan"
+    else:
+        cache = cache_file(options.cache_dir, model_path)
+        alloc, detail = allocate_plan(cg, scores, options, evaluator=evaluator, cache=cache, progress=progress)
+        mask = allocate.MaskBuilder(cg, scores).mask(alloc.keep)
+        strategy = alloc.strategy
+        detail.update(alloc.detail)
+        the_plan = PruningPlan.from_mask(cg, mask)
+    timings["allocate"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    pruned = apply_mask(cg, mask)
+    after = count(pruned)
+    timings["rewrite"] = time.perf_counter() - t
+    if evaluator is not None:
+        t = time.perf_counter()
+        metrics["pruned"] = evaluator.evaluate(pruned, progress=lambda d, tt: progress("evaluate", d, tt)).to_dict()
+        timings["evaluate"] = time.perf_counter() - t
+
+    report = PruneReport(
+        input=str(model_path),
+        output=str(out) if out else None,
+        target=float(options.target_flops),
+        strategy=strategy,
+        criterion=options.criterion,
+        round_to=int(options.round_to),
+        macs_before=before.total_macs,
+        macs_after=after.total_macs,
+        params_before=before.total_params,
+        params_after=after.total_params,
+        groups=_group_rows(cg, mask),
+        metrics=metrics,
+        provider=provider,
+        timings=timings,
+        detail=detail,
+        plan=the_plan.to_dict(),
+    )
+    if write:
+        t = time.perf_counter()
+        save_model(pruned, out)
+        if save_plan is not None:
+            the_plan.save(save_plan)
+        timings["save"] = time.perf_counter() - t
+        if report_path is not None:
+            report = replace(report, timings=dict(timings))
+            report.save(report_path)
+    return PruneResult(pruned, report, the_plan, out)
+
+
+def _group_rows(cg: ChannelGraph, mask: np.ndarray) -> tuple[GroupRow, ...]:
+    rows = []
+    for g in cg.groups:
+        kept = int(mask[list(g.units)].sum())
+        rows.append(GroupRow(g.id, g.producers, g.channels, kept, g.macs_share, g.blocked_reason))
+    return tuple(rows)
+
+
+def analyze_model(model_path: str | Path, *, exclude: Sequence[str] = (), input_shapes=None) -> tuple[ChannelGraph, object]:
+    """Load, find groups and count costs: what ``onnxprune analyze`` shows."""
+    model = load_model(model_path)
+    cg = find_groups(model, exclude=exclude, input_shapes=input_shapes)
+    return cg, count(cg.model, shapes=cg.shapes)
+
+
+__all__ = ["PruneOptions", "PruneResult", "prune", "default_output", "analyze_model"]

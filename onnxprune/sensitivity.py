@@ -1,0 +1,291 @@
+"""Sensitivity analysis (ACRA strategy 2, first half).
+
+For each prunable group and each ratio of a grid, prune that group alone
+(best-scored channels kept, no rounding) and measure the drop of the primary
+metric (top-1 with labels, else agreement or cosine with the original).
+
+Speed: pruning one group changes only the nodes downstream of it. The
+activations entering that part (the *frontier*) are computed once with the
+original model and only the suffix runs for each ratio. Frontiers of several
+consecutive groups are computed in one pass while they fit the memory budget;
+a group whose frontier does not fit is evaluated on the full model.
+
+Results are cached in a JSON file keyed by model, data, criterion, grid and
+calibration, written atomically after every group, so an interrupted run
+resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import onnx
+
+from .allocate import MaskBuilder, SensitivityCurves, nearest
+from .evaluate import Evaluator, compute_metrics, resolve_providers
+from .graph import write_text_atomic
+from .groups import ChannelGraph
+from .rewrite import apply_mask
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class SensitivityRun:
+    curves: SensitivityCurves
+    seconds: float
+    evaluations: int
+    suffix_evaluations: int
+    cached: int
+
+
+def cache_key(model: onnx.ModelProto, evaluator: Evaluator, *, criterion: str, grid: Sequence[float], extra: str = "") -> str:
+    h = hashlib.sha256()
+    h.update(model.SerializeToString(deterministic=True) if model.ByteSize() < 2**31 else model.graph.name.encode())
+    h.update(np.ascontiguousarray(evaluator.dataset.x).tobytes())
+    if evaluator.dataset.y is not None:
+        h.update(np.ascontiguousarray(evaluator.dataset.y).tobytes())
+    h.update(f"{criterion}|{tuple(float(r) for r in grid)}|{extra}".encode())
+    return h.hexdigest()[:24]
+
+
+def _downstream(model: onnx.ModelProto, members: Sequence[str]) -> list[onnx.NodeProto]:
+    start = set(members)
+    tainted: set[str] = set()
+    out = []
+    for node in model.graph.node:
+        if node.name in start or any(i in tainted for i in node.input):
+            out.append(node)
+            tainted.update(o for o in node.output if o)
+    return out
+
+
+def _frontier(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> list[str]:
+    produced = {o for n in nodes for o in n.output}
+    consts = {t.name for t in model.graph.initializer}
+    consts |= {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
+    seen, out = set(), []
+    for n in nodes:
+        for i in n.input:
+            if i and i not in produced and i not in consts and i not in seen:
+                seen.add(i)
+                out.append(i)
+    return out
+
+
+def _suffix_model(pruned: onnx.ModelProto, names: set[str], frontier: list[str], shapes, dtypes) -> onnx.ModelProto:
+    """The part of ``pruned`` made of the nodes in ``names``, fed by ``frontier`` tensors."""
+    g = pruned.graph
+    nodes = [n for n in g.node if n.name in names]
+    used = {i for n in nodes for i in n.input}
+    const_nodes = [n for n in g.node if n.op_type == "Constant" and n.output[0] in used and n.name not in names]
+    inits = [t for t in g.initializer if t.name in used]
+    inputs = [
+        onnx.helper.make_tensor_value_info(f, dtypes.get(f, onnx.TensorProto.FLOAT), [None if d is None else d for d in (None, *shapes[f][1:])])
+        for f in frontier
+    ]
+    graph = onnx.helper.make_graph(const_nodes + nodes, g.name + "_suffix", inputs, list(g.output), initializer=inits)
+    m = onnx.helper.make_model(graph, opset_imports=pruned.opset_import, ir_version=pruned.ir_version)
+    return m
+
+
+class _Runner:
+    """Multi-input batched ORT runs on the evaluator's device."""
+
+    def __init__(self, evaluator: Evaluator):
+        import onnxruntime as ort
+
+        self.ort = ort
+        self.providers = resolve_providers(evaluator.device)
+        self.batch = evaluator.batch_size
+        self.opts = ort.SessionOptions()
+        self.opts.log_severity_level = 3
+        if evaluator.threads:
+            self.opts.intra_op_num_threads = evaluator.threads
+
+    def run(self, model: onnx.ModelProto, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> list[np.ndarray]:
+        sess = self.ort.InferenceSession(model.SerializeToString(), self.opts, providers=self.providers)
+        names = outputs or [o.name for o in sess.get_outputs()]
+        n = len(next(iter(feeds.values())))
+        parts: list[list[np.ndarray]] = [[] for _ in names]
+        for s in range(0, n, self.batch):
+            outs = sess.run(names, {k: v[s : s + self.batch] for k, v in feeds.items()})
+            for p, o in zip(parts, outs):
+                p.append(o)
+        return [np.concatenate(p) for p in parts]
+
+
+def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output}
+    for n in names:
+        if n not in have:
+            m.graph.output.add().name = n
+    return m
+
+
+def _tensor_dtypes(model: onnx.ModelProto) -> dict[str, int]:
+    inferred = onnx.shape_inference.infer_shapes(model)
+    return {vi.name: vi.type.tensor_type.elem_type for vi in [*inferred.graph.input, *inferred.graph.value_info]}
+
+
+def analyze(
+    cg: ChannelGraph,
+    scores: np.ndarray,
+    evaluator: Evaluator,
+    *,
+    grid: Sequence[float] = DEFAULT_GRID,
+    criterion: str = "l1",
+    cache_file: str | Path | None = None,
+    cache_extra: str = "",
+    memory_budget_mb: float = 1024,
+    suffix: bool = True,
+    transform: Callable[[onnx.ModelProto, np.ndarray], onnx.ModelProto] | None = None,
+    progress: Progress | None = None,
+) -> SensitivityRun:
+    """Measure each prunable group's metric drop at each ratio of ``grid``.
+
+    ``transform(pruned_model, mask)`` (e.g. calibration) is applied to each
+    pruned model before it is measured; it forces full-model evaluation.
+    """
+    t0 = time.perf_counter()
+    grid = tuple(float(r) for r in grid)
+    ref = evaluator.reference_outputs
+    base_metrics = compute_metrics(list(ref), labels=evaluator.dataset.y, reference=ref)
+    metric, baseline = base_metrics.primary()
+    groups = list(cg.prunable_groups)
+    builder = MaskBuilder(cg, scores)
+    key = cache_key(cg.model, evaluator, criterion=criterion, grid=grid, extra=cache_extra)
+    results: dict[str, list[float]] = {}
+    if cache_file and Path(cache_file).is_file():
+        try:
+            stored = json.loads(Path(cache_file).read_text())
+            if stored.get("key") == key:
+                results = {k: list(v) for k, v in stored.get("drops", {}).items()}
+                log.info("resuming sensitivity analysis: %d of %d groups cached", len(results), len(groups))
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring unreadable sensitivity cache %s: %s", cache_file, exc)
+    cached = sum(1 for g in groups if g.id in results)
+    runner = _Runner(evaluator)
+    x = evaluator.dataset.x
+    input_name = next(i.name for i in cg.model.graph.input if i.name not in {t.name for t in cg.model.graph.initializer})
+    outputs = [o.name for o in cg.model.graph.output]
+    use_suffix = suffix and transform is None
+    dtypes = _tensor_dtypes(cg.model) if use_suffix else {}
+    budget = memory_budget_mb * 2**20
+    todo = [g for g in groups if g.id not in results]
+    plans = {}
+    for g in todo:
+        nodes = _downstream(cg.model, g.members)
+        front = _frontier(cg.model, nodes)
+        ok = use_suffix and all(o in {t for n in nodes for t in n.output} for o in outputs)
+        ok = ok and all(
+            f in cg.shapes and len(cg.shapes[f]) >= 2 and cg.shapes[f][0] is None and all(d is not None for d in cg.shapes[f][1:])
+            for f in front
+        )
+        size = sum(len(x) * int(np.prod(cg.shapes[f][1:])) * 4 for f in front) if ok else 0
+        plans[g.id] = (nodes, front, ok and size <= budget, size)
+    cache: dict[str, np.ndarray] = {}
+    evals = suffix_evals = 0
+    done = cached * len(grid)
+    total = len(groups) * len(grid)
+    if progress:
+        progress(done, total)
+    for k, g in enumerate(todo):
+        nodes, front, ok, size = plans[g.id]
+        if ok and any(f not in cache for f in front):
+            # one pass of the original model fills this and the next groups' frontiers
+            want, used = [], 0
+            for h in todo[k:]:
+                hn, hf, hok, hs = plans[h.id]
+                if not hok:
+                    continue
+                new = [f for f in hf if f not in want]
+                extra = sum(len(x) * int(np.prod(cg.shapes[f][1:])) * 4 for f in new)
+                if used + extra > budget and want:
+                    break
+                want += new
+                used += extra
+            cache = {}
+            feeds_needed = [f for f in want if f != input_name]
+            if feeds_needed:
+                vals = runner.run(_with_outputs(cg.model, feeds_needed), {input_name: x}, feeds_needed)
+                cache.update(zip(feeds_needed, vals))
+            cache[input_name] = x
+            evals += 1
+        drops = []
+        for r in grid:
+            n_keep = nearest(np.arange(1, g.channels + 1), g.channels * (1 - r))
+            if n_keep >= g.channels:
+                drops.append(0.0)
+                continue
+            mask = builder.mask({g.id: n_keep})
+            pruned = apply_mask(cg, mask, reinfer=False, verify=False)
+            if transform is not None:
+                pruned = transform(pruned, mask)
+            if ok:
+                sm = _suffix_model(pruned, {n.name for n in nodes}, front, cg.shapes, dtypes)
+                outs = runner.run(sm, {f: cache[f] for f in front})
+                suffix_evals += 1
+            else:
+                outs = runner.run(pruned, {input_name: x})
+                evals += 1
+            value = getattr(compute_metrics(outs, labels=evaluator.dataset.y, reference=ref), metric)
+            drops.append(float(baseline - value))
+            done += 1
+            if progress:
+                progress(done, total)
+        results[g.id] = drops
+        if cache_file:
+            write_text_atomic(cache_file, json.dumps({"key": key, "metric": metric, "baseline": baseline, "grid": grid, "drops": results}))
+    curves = SensitivityCurves(metric, float(baseline), grid, {g.id: tuple(results[g.id]) for g in groups})
+    return SensitivityRun(curves, time.perf_counter() - t0, evals, suffix_evals, cached)
+
+
+def curves_to_rows(cg: ChannelGraph, curves: SensitivityCurves) -> list[dict]:
+    """One row per group and ratio: for CSV/JSON output."""
+    rows = []
+    for g in cg.prunable_groups:
+        for r, d in zip(curves.ratios, curves.drops.get(g.id, ())):
+            rows.append({"group": g.id, "producer": g.producers[0], "channels": g.channels, "ratio": r, "drop": d})
+    return rows
+
+
+def plot(cg: ChannelGraph, curves: SensitivityCurves, path: str | Path) -> None:
+    """PNG: metric drop vs ratio, one curve per group (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        from .errors import MissingDependencyError
+
+        raise MissingDependencyError("the sensitivity plot needs matplotlib", fix="pip install 'onnxprune[plot]' or omit --plot") from None
+    from .graph import atomic_path
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for g in cg.prunable_groups:
+        if g.id in curves.drops:
+            ax.plot(curves.ratios, [100 * d for d in curves.drops[g.id]], marker=".", label=f"{g.id} {g.producers[0]}"[:40])
+    ax.set_xlabel("ratio of the group's channels removed")
+    ax.set_ylabel(f"{curves.metric} drop (points)")
+    ax.set_title(f"Sensitivity per channel group (baseline {curves.metric} {100 * curves.baseline:.2f}%)")
+    ax.grid(alpha=0.3)
+    if len(cg.prunable_groups) <= 20:
+        ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
