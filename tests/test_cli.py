@@ -1,0 +1,110 @@
+"""End-to-end CLI runs on the shipped trained model and real Fashion-MNIST data."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from onnxprune.evaluate import compute_metrics, make_session
+from onnxprune.flops import count
+from onnxprune.graph import load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "models" / "demo" / "fmnist_vgg11.onnx"
+VAL = ROOT / "models" / "demo" / "fmnist_val.npz"
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "onnxprune.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def test_help_explains_target_and_convention():
+    r = cli("--help")
+    assert r.returncode == 0
+    assert "--target-flops 0.3" in r.stdout and "FLOPs = 2 x MACs" in r.stdout
+    r = cli("prune", "--help")
+    assert "Fraction of MACs to remove" in r.stdout
+
+
+def test_analyze_json_matches_counter():
+    r = cli("analyze", DEMO, "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["total_macs"] == count(load_model(DEMO)).total_macs
+    assert "multiply-accumulates" in d["convention"]
+    assert sum(l["macs"] for l in d["layers"]) == d["total_macs"]
+    assert any(g["prunable"] for g in d["groups"]) and any(not g["prunable"] for g in d["groups"])
+
+
+def test_analyze_table_lists_groups_and_reasons():
+    r = cli("analyze", DEMO)
+    assert r.returncode == 0
+    assert "Channel groups" in r.stdout and "graph output" in r.stdout and "Convention" in r.stdout
+
+
+def _independent_top1(path: Path, limit: int) -> float:
+    data = np.load(VAL)
+    x, y = data["x"][:limit], data["y"][:limit]
+    sess = make_session(onnx.load(str(path)), device="cpu")
+    return compute_metrics(sess.run(x), labels=y).top1
+
+
+def test_main_job_uniform_reports_accuracy_that_matches_independent_eval(tmp_path):
+    out, rep = tmp_path / "p.onnx", tmp_path / "r.json"
+    r = cli(DEMO, "--target-flops", "0.3", "--strategy", "uniform", "--data", VAL, "--limit", 600, "-o", out, "--report", rep)
+    assert r.returncode == 0, r.stderr
+    assert "MACs" in r.stdout and "target -30.0%" in r.stdout and "top1" in r.stdout
+    assert "CPUExecutionProvider" in r.stdout
+    d = json.loads(rep.read_text())
+    assert d["reduction"] >= 0.3 and d["macs_after"] == count(load_model(out)).total_macs
+    assert d["metrics"]["pruned"]["top1"] == pytest.approx(_independent_top1(out, 600), abs=1e-9)
+    assert d["metrics"]["original"]["top1"] == pytest.approx(_independent_top1(DEMO, 600), abs=1e-9)
+    assert "multiply-accumulates" in d["convention"]
+    assert d["provider"] == "CPUExecutionProvider"
+    onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+
+
+def test_default_output_name_never_overwrites_input(tmp_path):
+    src = tmp_path / "m.onnx"
+    src.write_bytes(DEMO.read_bytes())
+    r = cli(src, "--target-flops", "0.2")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "m.pruned.onnx").is_file() and src.read_bytes() == DEMO.read_bytes()
+    r = cli(src, "--target-flops", "0.2")
+    assert r.returncode == 2 and "already exists" in r.stderr and "--force" in r.stderr
+
+
+def test_sensitivity_strategy_caches_and_resumes(tmp_path):
+    args = [DEMO, "--target-flops", "0.3", "--data", VAL, "--limit", 300, "--grid", "0.25,0.5,0.75", "--cache-dir", tmp_path / "c", "--json"]
+    r = cli(*args, "-o", tmp_path / "a.onnx")
+    assert r.returncode == 0, r.stderr
+    first = json.loads(r.stdout)
+    assert first["strategy"] == "sensitivity" and first["reduction"] >= 0.3
+    assert list((tmp_path / "c").glob("*.sensitivity.json"))
+    r = cli(*args, "-o", tmp_path / "b.onnx")
+    second = json.loads(r.stdout)
+    n_groups = sum(1 for g in second["groups"] if g["blocked_reason"] is None)
+    assert second["detail"]["sensitivity_cached_groups"] == n_groups
+    assert second["plan"] == first["plan"]
+
+
+def test_saved_plan_reapplies_to_identical_model(tmp_path):
+    r = cli(DEMO, "--target-flops", "0.4", "--criterion", "fpgm", "-o", tmp_path / "a.onnx", "--save-plan", tmp_path / "plan.json")
+    assert r.returncode == 0, r.stderr
+    r = cli(DEMO, "--target-flops", "0.4", "--plan", tmp_path / "plan.json", "-o", tmp_path / "b.onnx")
+    assert r.returncode == 0, r.stderr
+    a, b = onnx.load(str(tmp_path / "a.onnx")), onnx.load(str(tmp_path / "b.onnx"))
+    assert [t.SerializeToString() for t in a.graph.initializer] == [t.SerializeToString() for t in b.graph.initializer]
+
+
+def test_sensitivity_command_writes_csv_json_and_plot(tmp_path):
+    r = cli("sensitivity", DEMO, "--data", VAL, "--limit", 200, "--grid", "0.3,0.6", "--csv", tmp_path / "s.csv", "--json", tmp_path / "s.json", "--plot", tmp_path / "s.png", "--cache-dir", tmp_path / "c")
+    assert r.returncode == 0, r.stderr
+    rows = (tmp_path / "s.csv").read_text().splitlines()
+    assert rows[0] == "group,producer,channels,ratio,drop" and len(rows) > 2
+    assert json.loads((tmp_path / "s.json").read_text())["metric"] == "top1"
+    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
