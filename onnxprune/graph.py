@@ -78,11 +78,8 @@ def _all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
                 yield attr.t
 
 
-def load_model(path: str | os.PathLike, *, load_weights: bool = True) -> onnx.ModelProto:
-    """Read an ONNX model from ``path``; raise :class:`BadModelError` on any problem.
-
-    Example: ``model = load_model("resnet.onnx")``.
-    """
+def check_model_path(path: str | os.PathLike) -> Path:
+    """Cheap checks of a model path (exists, a file, readable) before any work; return it as a Path."""
     p = Path(path)
     if not p.exists():
         raise BadModelError(f"model file '{p}' does not exist", fix="check the path")
@@ -90,6 +87,15 @@ def load_model(path: str | os.PathLike, *, load_weights: bool = True) -> onnx.Mo
         raise BadModelError(f"'{p}' is a directory, not a model file", fix="pass the path of an .onnx file")
     if not os.access(p, os.R_OK):
         raise BadModelError(f"model file '{p}' is not readable", fix="check its permissions")
+    return p
+
+
+def load_model(path: str | os.PathLike, *, load_weights: bool = True) -> onnx.ModelProto:
+    """Read an ONNX model from ``path``; raise :class:`BadModelError` on any problem.
+
+    Example: ``model = load_model("resnet.onnx")``.
+    """
+    p = check_model_path(path)
     try:
         model = onnx.load(str(p), load_external_data=False)
     except Exception as exc:  # protobuf raises DecodeError and friends
@@ -174,6 +180,13 @@ def with_input_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, Sequenc
     return m
 
 
+def _dim_hint(d: int | None, i: int, rank: int) -> str:
+    """A known dim as is; an unknown one as a placeholder (H, W for NCHW), for fix hints."""
+    if d is not None:
+        return str(d)
+    return {2: "H", 3: "W"}.get(i, f"D{i}") if rank == 4 else f"D{i}"
+
+
 def _ort_shapes(model: onnx.ModelProto, wanted: Sequence[str]) -> dict[str, Shape]:
     """Run the model once on zeros (batch 1) and read the shapes of ``wanted``."""
     import onnxruntime as ort
@@ -193,7 +206,7 @@ def _ort_shapes(model: onnx.ModelProto, wanted: Sequence[str]) -> dict[str, Shap
         if any(d is None for d in dims[1:]):
             raise ShapeError(
                 f"input '{vi.name}' has dynamic dims {['?' if d is None else d for d in dims]} and shapes cannot be inferred",
-                fix=f"pass --input-shape {vi.name}:{'x'.join(str(d or 1) for d in [1, *dims[1:]])} with the real sizes",
+                fix=f"pass --input-shape {vi.name}:{'x'.join(_dim_hint(d, i, len(dims)) for i, d in enumerate([1, *dims[1:]]))} with the real sizes",
             )
         elem = onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
         feeds[vi.name] = np.zeros(shape, dtype=elem)
@@ -211,6 +224,36 @@ def _ort_shapes(model: onnx.ModelProto, wanted: Sequence[str]) -> dict[str, Shap
     return {n: tuple(int(d) for d in o.shape) for n, o in zip(wanted, outs)}
 
 
+def _weightless_copy(model: onnx.ModelProto, *, keep_elements: int = 64) -> onnx.ModelProto:
+    """A copy for shape inference: large initializers become typed graph inputs.
+
+    Shape inference needs only their shapes; small ones (shape vectors,
+    axes, split sizes) keep their values for data propagation. This avoids
+    copying hundreds of MB of weights for inference.
+    """
+    m = onnx.ModelProto()
+    g = model.graph
+    m.ir_version, m.producer_name = model.ir_version, model.producer_name
+    m.opset_import.extend(model.opset_import)
+    graph = m.graph
+    graph.name = g.name
+    graph.node.extend(g.node)
+    graph.output.extend(g.output)
+    graph.input.extend(g.input)
+    declared = {i.name for i in g.input}
+    for t in g.initializer:
+        n = 1
+        for d in t.dims:
+            n *= d
+        if n <= keep_elements and t.data_location != onnx.TensorProto.EXTERNAL:
+            graph.initializer.append(t)
+        elif t.name not in declared:
+            graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    if model.functions:
+        m.functions.extend(model.functions)
+    return m
+
+
 def infer_shapes(
     model: onnx.ModelProto, *, input_shapes: Mapping[str, Sequence[int]] | None = None, need: Sequence[str] = ()
 ) -> dict[str, Shape]:
@@ -221,9 +264,7 @@ def infer_shapes(
     """
     if input_shapes:
         model = with_input_shapes(model, input_shapes)
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    del m.graph.value_info[:]
+    m = _weightless_copy(model)
     try:
         inferred = onnx.shape_inference.infer_shapes(m, data_prop=True)
     except Exception as exc:
@@ -362,16 +403,36 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     On any exception (KeyboardInterrupt included) the temporary file is removed.
     """
     target = Path(target)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as exc:
+        raise _write_error(target, exc) from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        # mkstemp makes 0600 files: give the result the mode a plain open() would (or the old file's)
+        os.chmod(tmp_path, target.stat().st_mode & 0o777 if target.exists() else 0o666 & ~_umask())
         os.replace(tmp_path, target)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
+        if isinstance(exc, OSError):  # disk full, permissions...: one line, not a traceback
+            raise _write_error(target, exc) from exc
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _write_error(target: Path, exc: OSError) -> OutputError:
+    return OutputError(
+        f"cannot write '{target}' ({exc.strerror or type(exc).__name__})",
+        fix="check free disk space and that the folder is writable, or choose another path with -o/--output",
+    )
 
 
 def write_bytes_atomic(target: str | os.PathLike, data: bytes) -> None:
