@@ -23,10 +23,10 @@ import onnx
 
 from . import allocate
 from .data import ImageOptions, load_dataset
-from .errors import UsageError
+from .errors import OutputError, UsageError
 from .evaluate import Evaluator, compute_metrics, make_session
 from .flops import count
-from .graph import check_output_path, load_model, save_model
+from .graph import check_model_path, check_output_path, load_model, save_model
 from .groups import ChannelGraph, find_groups
 from .importance import CRITERIA, score_units
 from .plan import PruningPlan
@@ -98,7 +98,10 @@ def cache_file(cache_dir: str | None, model_path: Path) -> Path | None:
     if cache_dir is None:
         return None
     d = Path(cache_dir)
-    d.mkdir(parents=True, exist_ok=True)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file of that name, a read-only parent...
+        raise OutputError(f"cannot create the cache folder '{d}' ({exc.strerror or exc})", fix="pass --cache-dir a writable folder") from None
     return d / f"{model_path.stem}.sensitivity.json"
 
 
@@ -153,6 +156,9 @@ def prune(
     save_plan: str | Path | None = None,
     report_path: str | Path | None = None,
     write: bool = True,
+    train_data: str | None = None,
+    finetune_options=None,
+    distill: bool = True,
     progress: StageProgress | None = None,
 ) -> PruneResult:
     """Prune ``model_path`` to remove ``options.target_flops`` of its MACs.
@@ -160,12 +166,17 @@ def prune(
     With ``data``, accuracy before/after is measured with ONNX Runtime (top-1
     with labels, agreement with the original otherwise) and the default
     strategy is sensitivity-based. ``plan`` re-applies a saved plan instead
-    of searching. Outputs are written atomically; the input is never touched.
+    of searching. With ``finetune_options`` (a
+    :class:`~onnxprune.finetune.FinetuneOptions`) and ``train_data`` the
+    pruned model is fine-tuned with torch (distilling from the original when
+    ``distill``) and evaluated again; the final weights are kept (no
+    selection on the evaluation data). Outputs are written atomically; the
+    input is never touched.
     """
     progress = progress or _noop
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    model_path = Path(model_path)
+    model_path = check_model_path(model_path)  # input errors first, before output checks (and '.' has no name)
     out = None
     if write:
         out = check_output_path(output or default_output(model_path), input_path=model_path, force=force)
@@ -173,6 +184,14 @@ def prune(
             if extra is not None:
                 check_output_path(extra, input_path=model_path, force=True)
     model = load_model(model_path)
+    train = None
+    if finetune_options is not None:
+        if train_data is None:
+            raise UsageError("fine-tuning needs training data", fix="pass --train-data TRAIN (an .npz with x and y, or a folder/hook)")
+        from .finetune import _require_torch
+
+        _require_torch()  # fail before the long work when torch is missing
+        train = load_dataset(train_data, image_options=options.image_options)
     cg = find_groups(model, exclude=options.exclude, input_shapes=options.input_shapes)
     before = count(cg.model, shapes=cg.shapes)
     timings["analyze"] = time.perf_counter() - t0
@@ -195,7 +214,8 @@ def prune(
         mask = the_plan.to_mask(cg)
         strategy = "plan"
     else:
-        cache = cache_file(options.cache_dir, model_path)
+        # only runs that measure sensitivity use (and create) the cache folder
+        cache = cache_file(options.cache_dir, model_path) if evaluator is not None and options.strategy != "uniform" else None
         alloc, detail = allocate_plan(cg, scores, options, evaluator=evaluator, cache=cache, progress=progress)
         mask = allocate.MaskBuilder(cg, scores).mask(alloc.keep)
         strategy = alloc.strategy
@@ -205,12 +225,18 @@ def prune(
 
     t = time.perf_counter()
     pruned = apply_mask(cg, mask)
-    after = count(pruned)
+    after = count(pruned, input_shapes=options.input_shapes)  # dynamic spatial dims need them again
     timings["rewrite"] = time.perf_counter() - t
     if evaluator is not None:
         t = time.perf_counter()
         metrics["pruned"] = evaluator.evaluate(pruned, progress=lambda d, tt: progress("evaluate", d, tt)).to_dict()
         timings["evaluate"] = time.perf_counter() - t
+    if train is not None:
+        t = time.perf_counter()
+        pruned, detail["finetune"] = _finetune_stage(pruned, cg.model if distill else None, train, finetune_options, progress)
+        timings["finetune"] = time.perf_counter() - t
+        if evaluator is not None:
+            metrics["finetuned"] = evaluator.evaluate(pruned).to_dict()
 
     report = PruneReport(
         input=str(model_path),
@@ -240,6 +266,25 @@ def prune(
             report = replace(report, timings=dict(timings))
             report.save(report_path)
     return PruneResult(pruned, report, the_plan, out)
+
+
+def _finetune_stage(pruned, teacher, train, options, progress: StageProgress):
+    from .finetune import finetune
+
+    def on_event(ev: dict) -> None:
+        if ev.get("kind") == "step" and ev.get("steps"):
+            progress(f"finetune {ev.get('epoch', 1)}", int(ev.get("step", 0)), int(ev["steps"]))
+
+    res = finetune(pruned, train.x, train.y, teacher=teacher, options=options, progress=on_event)
+    info = {
+        "epochs": len(res.history),
+        "device": res.device,
+        "seconds": res.seconds,
+        "stopped_reason": res.stopped_reason,
+        "history": list(res.history),
+        "distilled": teacher is not None,
+    }
+    return res.model, info
 
 
 def _group_rows(cg: ChannelGraph, mask: np.ndarray) -> tuple[GroupRow, ...]:

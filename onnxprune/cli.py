@@ -71,17 +71,17 @@ def run_safely(fn):
         except OnnxPruneError as exc:
             if debug:
                 traceback.print_exc()
-            err_console.print(f"error: {exc.one_line()}", markup=False)
+            err_console.print(f"error: {exc.one_line()}", markup=False, soft_wrap=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
-            err_console.print("interrupted: no output was written (partial files were removed)", markup=False)
+            err_console.print("interrupted: no output was written (partial files were removed)", markup=False, soft_wrap=True)
             sys.exit(130)
         except click.exceptions.Exit:
             raise
         except Exception as exc:  # noqa: BLE001 - last resort: one line, traceback with --debug
             if debug:
                 traceback.print_exc()
-            err_console.print(f"internal error: {type(exc).__name__}: {exc} (run with --debug for details and report it)", markup=False)
+            err_console.print(f"internal error: {type(exc).__name__}: {exc} (run with --debug for details and report it)", markup=False, soft_wrap=True)
             sys.exit(1)
 
     return click.option("--debug", is_flag=True, help="Show debug logs and tracebacks.")(wrapper)
@@ -90,7 +90,7 @@ def run_safely(fn):
 @contextlib.contextmanager
 def progress_bar(enabled: bool = True):
     """A rich progress display; yields ``callback(stage, done, total)``."""
-    if not enabled:
+    if not enabled or not err_console.is_terminal:  # no live display (nor its stray newline) in pipes and logs
         yield lambda stage, done, total: None
         return
     columns = (TextColumn("{task.description:<12}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), TimeRemainingColumn())
@@ -182,12 +182,25 @@ def main() -> None:
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=Path(".onnxprune-cache"), show_default=True, help="Sensitivity cache folder (resumes interrupted runs).")
 @click.option("--memory-budget", type=float, default=1024, show_default=True, help="MiB of cached activations for fast sensitivity runs.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@click.option("--finetune-epochs", type=int, default=0, show_default=True, help="Fine-tune the pruned model for N epochs with torch (needs --train-data).")
+@click.option("--train-data", help="Training data for --finetune-epochs (.npz with x, y; folder; module:function).")
+@click.option("--lr", type=float, default=0.01, show_default=True, help="Fine-tuning learning rate.")
+@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True)
+@click.option("--distill/--no-distill", default=True, show_default=True, help="Distill from the original model while fine-tuning.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @data_options
 @run_safely
-def prune_cmd(model, target_flops, output, strategy, criterion, round_to, exclude, input_shape, report_path, plan, save_plan, grid, cache_dir, memory_budget, force, quiet, as_json, data, limit, batch_size, device, image_size, crop, mean, std, channel_order, scale, grayscale):
+def prune_cmd(model, target_flops, output, strategy, criterion, round_to, exclude, input_shape, report_path, plan, save_plan, grid, cache_dir, memory_budget, force, finetune_epochs, train_data, lr, optimizer, distill, quiet, as_json, data, limit, batch_size, device, image_size, crop, mean, std, channel_order, scale, grayscale):
     from .api import PruneOptions, prune
+
+    ft = None
+    if finetune_epochs:
+        from .finetune import FinetuneOptions
+
+        ft = FinetuneOptions(epochs=finetune_epochs, lr=lr, optimizer=optimizer, batch_size=batch_size, device=device)
+    elif train_data:
+        raise UsageError("--train-data is only used for fine-tuning", fix="add --finetune-epochs N, or drop --train-data")
 
     options = PruneOptions(
         target_flops=target_flops,
@@ -205,7 +218,7 @@ def prune_cmd(model, target_flops, output, strategy, criterion, round_to, exclud
         image_options=_image_options(image_size, crop, mean, std, channel_order, scale, grayscale),
     )
     with progress_bar(not quiet and not as_json) as cb:
-        result = prune(model, options=options, data=data, output=output, force=force, plan=plan, save_plan=save_plan, report_path=report_path, progress=cb)
+        result = prune(model, options=options, data=data, output=output, force=force, plan=plan, save_plan=save_plan, report_path=report_path, train_data=train_data, finetune_options=ft, distill=distill, progress=cb)
     if as_json:
         click.echo(json.dumps(result.report.to_dict(), default=str, indent=1))
         return
@@ -321,6 +334,68 @@ def sensitivity_cmd(model, criterion, grid, exclude, input_shape, csv_path, json
         write_text_atomic(json_path, json.dumps({"metric": run.curves.metric, "baseline": run.curves.baseline, "ratios": run.curves.ratios, "rows": rows}, indent=1))
     if plot_path:
         plot(cg, run.curves, plot_path)
+
+
+@main.command("finetune")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--data", "data", required=True, help="Training data: .npz with x (and y), image folder, or module:function.")
+@click.option("--val", help="Validation data; the best epoch on it is kept.")
+@click.option("--teacher", type=click.Path(path_type=Path), help="Original model to distill from (needed when the data has no labels).")
+@click.option("--epochs", type=int, required=True, help="Number of epochs.")
+@click.option("--lr", type=float, default=0.01, show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True)
+@click.option("--weight-decay", type=float, default=5e-4, show_default=True)
+@click.option("--temperature", type=float, default=4.0, show_default=True, help="Distillation temperature.")
+@click.option("--distill-weight", type=float, default=0.5, show_default=True, help="Weight of the distillation loss (with labels).")
+@click.option("--augment/--no-augment", default=True, show_default=True, help="Random crop + flip for image tensors.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--limit", type=int, help="Use only the first N training samples.")
+@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Output model [default: MODEL.finetuned.onnx].")
+@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@click.option("--quiet", is_flag=True)
+@run_safely
+def finetune_cmd(model, data, val, teacher, epochs, lr, batch_size, optimizer, weight_decay, temperature, distill_weight, augment, seed, limit, device, output, force, quiet):
+    """Fine-tune MODEL with torch and write the trained weights back into the ONNX graph.
+
+    \b
+    Example:
+      onnxprune finetune model.pruned.onnx --data train.npz --val val.npz --teacher model.onnx --epochs 3
+
+    Several GPUs: see the module docstring of onnxprune.finetune (torchrun + finetune_ddp_entry).
+    """
+    from .data import load_dataset
+    from .finetune import FinetuneOptions, finetune
+    from .graph import check_model_path, check_output_path, load_model, save_model
+
+    model = check_model_path(model)
+    stem = model.name[:-5] if model.name.endswith(".onnx") else model.name
+    out = check_output_path(output or model.with_name(f"{stem}.finetuned.onnx"), input_path=model, force=force)
+    opts = FinetuneOptions(epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer, weight_decay=weight_decay, temperature=temperature, distill_weight=distill_weight, augment=augment, seed=seed, device=device)
+    student = load_model(model)
+    teacher_model = load_model(teacher) if teacher else None
+    train = load_dataset(data, limit=limit)
+    valid = load_dataset(val) if val else None
+    with progress_bar(not quiet) as cb:
+        def on_event(ev):
+            if ev.get("kind") == "step" and ev.get("steps"):
+                cb(f"epoch {ev.get('epoch', 1)}", int(ev.get("step", 0)), int(ev["steps"]))
+
+        res = finetune(student, train.x, train.y, val_x=valid.x if valid else None, val_y=valid.y if valid else None, teacher=teacher_model, options=opts, progress=on_event)
+    t = Table(title=f"Fine-tuning on {res.device}", title_justify="left")
+    for col in ("epoch", "train loss", "train acc", f"val {res.metric or ''}", "seconds"):
+        t.add_column(col, justify="right")
+    for h in res.history:
+        fmt = lambda v: "-" if v is None else f"{100 * v:.2f}%"  # noqa: E731
+        t.add_row(str(h["epoch"]), f"{h['train_loss']:.4f}", fmt(h.get("train_acc")), fmt(h.get("val")) if res.metric != "teacher_mse" else f"{h.get('val')}", f"{h['seconds']:.1f}")
+    out_console.print(t)
+    if res.initial_val is not None:
+        out_console.print(f"validation {res.metric}: {res.initial_val:.4f} before, {res.best_val:.4f} best (epoch {res.best_epoch})", markup=False)
+    if res.stopped_reason:
+        out_console.print(f"stopped early: {res.stopped_reason}", markup=False)
+    save_model(res.model, out)
+    out_console.print(f"Wrote {out}", markup=False)
 
 
 if __name__ == "__main__":  # pragma: no cover
