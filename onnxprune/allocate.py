@@ -73,17 +73,23 @@ class MaskBuilder:
 
     def __init__(self, cg: ChannelGraph, scores: np.ndarray):
         self.cg = cg
+        self.scores = scores
         self.order = {}
         for g in cg.prunable_groups:
             units = np.array(g.units)
             self.order[g.id] = units[np.lexsort((np.arange(len(units)), -scores[units]))]
 
     def mask(self, keep: Mapping[str, int]) -> np.ndarray:
+        """Best-scored units first; a Split output or channel Slice never loses all its channels
+        (its best unit is kept back, and the MACs counted here include it)."""
         m = self.cg.full_mask()
         for gid, n in keep.items():
             order = self.order.get(gid)
             if order is not None and n < len(order):
                 m[order[max(1, int(n)) :]] = False
+        for _, units in self.cg.segments:
+            if len(units) and not m[units].any():
+                m[units[np.argmax(self.scores[units])]] = True
         return m
 
     def macs(self, keep: Mapping[str, int]) -> int:
@@ -116,10 +122,10 @@ class _Search:
         self.max_reduction = self.reduction(floor)
         if self.max_reduction < target:
             raise TargetError(
-                f"target -{target:.1%} MACs is unreachable: at most -{self.max_reduction:.1%} can be removed "
+                f"target of removing {target:.1%} of the MACs is unreachable: at most {self.max_reduction:.1%} can be removed "
                 f"({sum(len(a) == 1 for a in self.ach.values())} groups cannot shrink at --round-to {round_to}, "
                 f"{len(cg.groups) - len(self.groups)} are blocked)",
-                fix=f"lower --target-flops to at most {self.max_reduction:.3f}, lower --round-to, or remove --exclude patterns",
+                fix=f"lower --target-flops to at most {np.floor(self.max_reduction * 1000) / 1000:.3f}, lower --round-to, or remove --exclude patterns",
             )
 
     def reduction(self, keep: Mapping[str, int]) -> float:
@@ -212,7 +218,10 @@ class SensitivityCurves:
         r, env = self.envelope(gid)
         if env[-1] <= t:
             return 1.0 if t > env[-1] else float(r[-1])
-        i = int(np.flatnonzero(env <= t)[-1])
+        under = np.flatnonzero(env <= t)
+        if not len(under):  # t below every drop (e.g. t < 0 during bisection): prune nothing
+            return 0.0
+        i = int(under[-1])
         if env[i + 1] == env[i]:
             return float(r[i])
         return float(r[i] + (t - env[i]) / (env[i + 1] - env[i]) * (r[i + 1] - r[i]))

@@ -35,7 +35,7 @@ import onnx
 import onnx.numpy_helper
 
 from . import rules
-from .edits import ComputeMap, Edit, ShapeEntry, SliceTensor
+from .edits import ComputeMap, Edit, ShapeEntry, SliceBounds, SliceTensor, SplitSizes
 from .errors import UnsupportedModelError
 from .flops import is_compute, shapes_needed
 from .graph import GraphIndex, infer_shapes, node_label, opset_version
@@ -84,6 +84,14 @@ class ChannelGraph:
     total_macs: int
     atom_owner: tuple[str, ...]
     atom_channel: np.ndarray
+    segments: tuple = ()  # (node name, unit ids): each must keep at least one unit (Split outputs, Slice ranges)
+
+    def empty_segment(self, unit_kept: np.ndarray) -> str | None:
+        """Name of a Split/Slice whose output would lose every channel, else None."""
+        for name, units in self.segments:
+            if len(units) and not unit_kept[units].any():
+                return name
+        return None
 
     def group(self, gid: str) -> ChannelGroup:
         for g in self.groups:
@@ -125,6 +133,10 @@ class ChannelGraph:
         names = {m for g in self.prunable_groups for m in g.members}
         touched = sum(c.spatial * c.kernel * len(c.out_atoms) * (c.in_fixed if c.in_atoms is None else len(c.in_atoms)) for c in self.compute if c.node in names)
         return touched / self.total_macs if self.total_macs else 0.0
+
+
+#: Most channels (summed over all producers) one analysis tracks; real CNNs have well under 10**5.
+MAX_CHANNELS = 2**22
 
 
 class _UnionFind:
@@ -190,8 +202,13 @@ class _Context:
         self.maps[name] = m
 
     def fresh(self, node, n: int, *, blocked: str | None = None) -> np.ndarray:
-        start = self.uf.add(int(n))
         label = node.name if hasattr(node, "name") else str(node)
+        if int(n) < 0 or len(self.uf.parent) + int(n) > MAX_CHANNELS:  # a malformed shape must not exhaust memory
+            raise UnsupportedModelError(
+                f"'{label}' has {int(n):,} channels, more than onnxprune tracks ({MAX_CHANNELS:,} in the whole model; a malformed shape?)",
+                fix="check the model's input and weight shapes (e.g. onnx.shape_inference) or re-export it",
+            )
+        start = self.uf.add(int(n))
         if blocked and hasattr(node, "name"):
             label = f"untracked:{node.name}"  # blocked stand-ins never join a real producer's group
         self.owner.extend([label] * int(n))
@@ -375,29 +392,29 @@ class _Context:
 
 
 def _finish_shared_constants(ctx: _Context) -> None:
-    """Block channels whose slicing of a constant conflicts with another use of it."""
-    by_tensor: dict[str, list[SliceTensor]] = defaultdict(list)
+    """Constants shared by several nodes get private copies at rewrite time
+    (see :mod:`onnxprune.rewrite`); only what a copy cannot fix is blocked:
+    one node needing two different slices of the same constant on one axis,
+    or a literal in a shape vector that is not a direct input of its node.
+    """
+    per_node: dict[tuple[str, str, int], set] = defaultdict(set)
     for e in ctx.edits:
         if isinstance(e, SliceTensor):
-            by_tensor[e.tensor].append(e)
-    for tensor, es in by_tensor.items():
-        slicing_nodes = {e.node for e in es}
-        users = {n.name for n in ctx.index.consumers.get(tensor, [])}
-        per_node: dict[str, set] = defaultdict(set)
-        for e in es:
-            per_node[e.node].add(e.key())
-        keys = {frozenset(v) for v in per_node.values()}
-        if len(keys) > 1 or (users - slicing_nodes):
-            for e in es:
-                ctx.block(e.atoms, f"constant '{tensor}' is shared by several nodes that would need different slices")
+            per_node[(e.tensor, e.node, e.axis)].add(e.atoms.tobytes())
+    for e in ctx.edits:
+        if isinstance(e, SliceTensor) and len(per_node[(e.tensor, e.node, e.axis)]) > 1:
+            ctx.block(e.atoms, f"node '{e.node}' reads constant '{e.tensor}' twice with different channels")
     entries: dict[tuple, list[ShapeEntry]] = defaultdict(list)
     for e in ctx.edits:
         if isinstance(e, ShapeEntry):
             entries[(e.tensor, e.position)].append(e)
     for key, es in entries.items():
-        if len({a.atoms.tobytes() + bytes([a.factor % 256]) for a in es}) > 1:
+        nodes = {e.node for e in es}
+        users = {n.name for n in ctx.index.consumers.get(key[0], [])}
+        direct = all(any(n.name == e.node and key[0] in n.input for n in ctx.index.consumers.get(key[0], [])) for e in es)
+        if len(users) > 1 and not direct:
             for e in es:
-                ctx.block(e.atoms, f"shape constant '{key[0]}' is shared by nodes with different channel counts")
+                ctx.block(e.atoms, f"shape constant '{key[0]}' is shared by several nodes ({', '.join(sorted(users | nodes))})")
 
 
 def _analysis_shapes(model, input_shapes):
@@ -544,6 +561,12 @@ def _build(ctx: _Context, model, shapes) -> ChannelGraph:
                 blocked_reason=reason,
             )
         )
+    segments = []
+    for e in ctx.edits:
+        if isinstance(e, SplitSizes):
+            segments += [(e.node, np.unique(unit_of_atom[p])) for p in e.parts]
+        elif isinstance(e, SliceBounds):
+            segments.append((e.node, np.unique(unit_of_atom[e.atoms[e.start : e.end]])))
     tensor_maps = {name: (m.axis, m.atoms) for name, m in ctx.maps.items()}
     log.debug("found %d groups (%d prunable)", len(out), sum(g.prunable for g in out))
     return ChannelGraph(
@@ -558,6 +581,7 @@ def _build(ctx: _Context, model, shapes) -> ChannelGraph:
         total_macs=int(total),
         atom_owner=tuple(ctx.owner),
         atom_channel=np.asarray(ctx.channel, dtype=np.int64),
+        segments=tuple(segments),
     )
 
 

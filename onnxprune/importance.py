@@ -130,16 +130,10 @@ def score_units(cg: ChannelGraph, criterion: str = "l1", *, seed: int = 0) -> np
 
 
 def mask_from_counts(cg: ChannelGraph, scores: np.ndarray, keep: dict[str, int]) -> np.ndarray:
-    """Unit mask keeping, in each group named in ``keep``, its ``keep[id]`` best units.
+    """Unit mask keeping, in each prunable group named in ``keep``, its ``keep[id]`` best units.
 
     Ties are broken by channel order, so the result is deterministic.
     """
-    mask = cg.full_mask()
-    for g in cg.groups:
-        n = max(1, int(keep.get(g.id, g.channels)))
-        if n >= g.channels or not g.prunable:
-            continue
-        units = np.array(g.units)
-        order = np.lexsort((np.arange(len(units)), -scores[units]))
-        mask[units[order[n:]]] = False
-    return mask
+    from .allocate import MaskBuilder
+
+    return MaskBuilder(cg, scores).mask(keep)

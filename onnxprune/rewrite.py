@@ -20,7 +20,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .edits import PadChannels, SetGroup, ShapeEntry, SliceBounds, SliceTensor, SplitSizes
-from .errors import VerificationError
+from .errors import PlanError, VerificationError
 from .graph import opset_version
 from .groups import ChannelGraph
 
@@ -104,6 +104,13 @@ def apply_mask(cg: ChannelGraph, unit_kept: np.ndarray, *, reinfer: bool = True,
     unit_kept = np.asarray(unit_kept, dtype=bool)
     if unit_kept.shape != (cg.n_units,):
         raise VerificationError(f"mask has shape {unit_kept.shape}, expected ({cg.n_units},)")
+    empty = cg.empty_segment(unit_kept)
+    if empty is not None:
+        raise PlanError(
+            f"the plan removes every channel that passes through '{empty}', which would leave it with no output",
+            fix="keep at least one channel in each Split output / channel Slice (edit the plan or lower --target-flops)",
+            node=empty,
+        )
     kept = cg.atom_kept(unit_kept)
     m = onnx.ModelProto()
     m.CopyFrom(cg.model)
@@ -111,20 +118,31 @@ def apply_mask(cg: ChannelGraph, unit_kept: np.ndarray, *, reinfer: bool = True,
     nodes = {n.name: n for n in m.graph.node}
     opset = opset_version(m)
 
-    slices: dict[str, dict[tuple, SliceTensor]] = defaultdict(dict)
+    # constants: slice in place when every user slices alike, else one private copy per node
+    by_node: dict[str, dict[str, dict[tuple, SliceTensor]]] = defaultdict(lambda: defaultdict(dict))
     for e in cg.edits:
         if isinstance(e, SliceTensor):
-            slices[e.tensor].setdefault(e.key(), e)
-    for tensor, edits in slices.items():
+            by_node[e.tensor][e.node].setdefault(e.key(), e)
+    for tensor, per_node in by_node.items():
+        users = {n.name for n in consts.consumers[tensor]}
+        shared = len({frozenset(v) for v in per_node.values()}) > 1 or bool(users - set(per_node))
         arr = consts.get(tensor)
-        new = arr
-        for e in edits.values():
-            mask = kept(e.atoms)
-            if mask.all():
+        for node_name, edits in per_node.items():
+            new = arr
+            for e in edits.values():
+                mask = kept(e.atoms)
+                if not mask.all():
+                    new = np.take(new, np.nonzero(mask)[0], axis=e.axis)
+            if new is arr:
                 continue
-            new = np.take(new, np.nonzero(mask)[0], axis=e.axis)
-        if new is not arr:
-            consts.set(tensor, new)
+            if shared:
+                node = nodes[node_name]
+                for slot, name in enumerate(node.input):
+                    if name == tensor:
+                        consts.private(node, slot, new.astype(arr.dtype, copy=False))
+            else:
+                consts.set(tensor, new)
+                break  # all users slice alike: one in-place edit serves them all
 
     for e in cg.edits:
         if isinstance(e, SetGroup):
@@ -173,6 +191,7 @@ def apply_mask(cg: ChannelGraph, unit_kept: np.ndarray, *, reinfer: bool = True,
             else:
                 consts.set(e.tensor, v)
 
+    _drop_unused_initializers(m)
     del m.graph.value_info[:]
     if reinfer:
         try:
@@ -183,6 +202,17 @@ def apply_mask(cg: ChannelGraph, unit_kept: np.ndarray, *, reinfer: bool = True,
     if verify and reinfer:
         _verify_channels(cg, m, kept)
     return m
+
+
+def _drop_unused_initializers(m: onnx.ModelProto) -> None:
+    """Remove initializers no node reads any more (originals replaced by private copies)."""
+    used = {i for n in m.graph.node for i in n.input} | {o.name for o in m.graph.output}
+    used |= {i for n in m.graph.node for a in n.attribute if a.type == onnx.AttributeProto.GRAPH for sub in [a.g] for nn in sub.node for i in nn.input}
+    declared_inputs = {i.name for i in m.graph.input}
+    keep = [t for t in m.graph.initializer if t.name in used or t.name in declared_inputs]
+    if len(keep) != len(m.graph.initializer):
+        del m.graph.initializer[:]
+        m.graph.initializer.extend(keep)
 
 
 def _attr(node, name):

@@ -62,7 +62,8 @@ def _block_inputs(ctx, node, reason: str) -> None:
 def unknown(ctx, node) -> None:
     """Fallback: block channels entering an op onnxprune has no rule for."""
     if _mapped_inputs(ctx, node):
-        _block_inputs(ctx, node, f"{node.op_type} '{node_label(node)}' is not supported for channel pruning")
+        op = f"{node.domain}.{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type
+        _block_inputs(ctx, node, f"{op} '{node_label(node)}' is not supported for channel pruning")
 
 
 # --------------------------------------------------------------------------- producers
@@ -73,11 +74,10 @@ def conv(ctx, node) -> None:
     label = node_label(node)
     out_name = node.output[0]
     if w is None:
+        reason = f"Conv '{label}' has a weight that is not a constant initializer"
         if x is not None:
-            ctx.block(x.atoms, f"Conv '{label}' has a weight that is not a constant initializer")
-        out_shape = ctx.shape(out_name)
-        if out_shape and out_shape[1]:
-            ctx.set_map(out_name, ChannelMap(1, ctx.fresh(node, out_shape[1], blocked=f"Conv '{label}' has a non-constant weight")))
+            ctx.block(x.atoms, reason)
+        _fixed_compute(ctx, node, ctx.shape(node.input[1]), reason, out_axis=0, in_axis=1, spatial_of=out_name)
         return
     cout, cin_g = int(w.shape[0]), int(w.shape[1])
     g = int(attr(node, "group", 1))
@@ -122,9 +122,8 @@ def conv_transpose(ctx, node) -> None:
         reason = f"ConvTranspose '{label}' " + ("has a non-constant weight" if w is None else f"is grouped (group={g})")
         if x is not None:
             ctx.block(x.atoms, reason)
-        shp = ctx.shape(node.output[0])
-        if shp and shp[1]:
-            ctx.set_map(node.output[0], ChannelMap(1, ctx.fresh(node, shp[1], blocked=reason)))
+        w_shape = tuple(w.shape) if w is not None else ctx.shape(node.input[1])
+        _fixed_compute(ctx, node, w_shape, reason, out_axis=1, in_axis=0, spatial_of=node.input[0], group=g)
         return
     cin, cout = int(w.shape[0]), int(w.shape[1])
     if x is not None and (x.axis != 1 or len(x) != cin):
@@ -138,6 +137,28 @@ def conv_transpose(ctx, node) -> None:
         ctx.slice_tensor(node, node.input[2], 0, out_atoms)
     ctx.compute(node, spatial=ctx.spatial(node.input[0]), kernel=int(np.prod(w.shape[2:])), out_atoms=out_atoms, in_atoms=in_atoms)
     ctx.set_map(node.output[0], ChannelMap(1, out_atoms))
+
+
+def _fixed_compute(ctx, node, w_shape, reason: str, *, out_axis: int, in_axis: int, spatial_of: str | None, group: int = 1) -> None:
+    """A compute node onnxprune cannot rewrite: its MACs still count, its channels are blocked.
+
+    Conv weight ``[Cout, Cin/g, k...]`` (out_axis 0), ConvTranspose ``[Cin, Cout/g, k...]``
+    (out_axis 1), Gemm ``[K, M]`` or ``[M, K]``.
+    """
+    if not w_shape or any(d is None for d in w_shape):
+        return
+    label = node.name
+    cout = int(w_shape[out_axis]) * (group if node.op_type == "ConvTranspose" else 1)
+    cin_g = int(w_shape[in_axis]) // (group if node.op_type == "ConvTranspose" else 1)
+    out_atoms = ctx.fresh(node, cout, blocked=reason)
+    in_atoms = ctx.fresh(f"untracked:{label}", cin_g, blocked=reason)
+    kernel = int(np.prod(w_shape[2:])) if len(w_shape) > 2 else 1
+    spatial = ctx.spatial(spatial_of) if spatial_of else 1
+    ctx.compute(node, spatial=spatial, kernel=kernel, out_atoms=out_atoms, in_atoms=in_atoms)
+    if node.output and node.output[0]:
+        shp = ctx.shape(node.output[0])
+        axis = 1 if node.op_type != "Gemm" else (len(shp) - 1 if shp else 1)
+        ctx.set_map(node.output[0], ChannelMap(axis, out_atoms))
 
 
 def _fc(ctx, node, *, k_axis: int, m_axis: int, w_shape, trans_a: bool) -> None:
@@ -163,7 +184,12 @@ def _fc(ctx, node, *, k_axis: int, m_axis: int, w_shape, trans_a: bool) -> None:
 def gemm(ctx, node) -> None:
     w = ctx.const(node.input[1])
     if w is None or w.ndim != 2:
-        _block_inputs(ctx, node, f"Gemm '{node_label(node)}' has a weight that is not a constant initializer")
+        reason = f"Gemm '{node_label(node)}' has a weight that is not a constant initializer"
+        _block_inputs(ctx, node, reason)
+        w_shape = ctx.shape(node.input[1])
+        if w_shape and len(w_shape) == 2:
+            tb = bool(attr(node, "transB", 0))
+            _fixed_compute(ctx, node, w_shape, reason, out_axis=0 if tb else 1, in_axis=1 if tb else 0, spatial_of=None)
         return
     trans_b = bool(attr(node, "transB", 0))
     _fc(ctx, node, k_axis=1 if trans_b else 0, m_axis=0 if trans_b else 1, w_shape=w.shape, trans_a=bool(attr(node, "transA", 0)))
@@ -236,9 +262,29 @@ def pool(ctx, node) -> None:
     ctx.set_map(node.output[0], x)
 
 
+SHAPE_ARITHMETIC = ("Gather", "Slice", "Concat", "Unsqueeze", "Squeeze", "Cast", "Identity", "Add", "Sub", "Mul", "Div")
+
+
 @rule("Shape", "Size")
 def shape_op(ctx, node) -> None:
-    """Reads shapes only; shapes that feed Reshape/Resize are checked there."""
+    """Reads shapes. Shape vectors that feed Reshape/Resize are checked there;
+    one that reaches a graph output (directly or through shape arithmetic)
+    would change value, so the channels are blocked."""
+    x = ctx.map(node.input[0])
+    if x is None:
+        return
+    todo, seen = [node.output[0]], set()
+    while todo:
+        t = todo.pop()
+        if t in seen:
+            continue
+        seen.add(t)
+        if t in ctx.index.graph_outputs:
+            ctx.block(x.atoms, f"{node.op_type} '{node_label(node)}' reports the channel count to graph output '{t}'")
+            return
+        for c in ctx.index.consumers.get(t, []):
+            if c.op_type in SHAPE_ARITHMETIC:
+                todo.extend(o for o in c.output if o)
 
 
 # --------------------------------------------------------------------------- coupling
@@ -466,7 +512,10 @@ def pad(ctx, node) -> None:
         ctx.set_map(node.output[0], x)
         return
     mode = attr(node, "mode", "constant")
-    if mode != "constant" or before < 0 or after < 0:
+    if before < 0 or after < 0:
+        ctx.block(x.atoms, f"Pad '{label}' crops the channel axis (negative pads)")
+        return
+    if mode != "constant":
         ctx.block(x.atoms, f"Pad '{label}' pads the channel axis in mode '{mode}'")
         return
     b, a = ctx.fresh(node, before), ctx.fresh(node, after)
@@ -553,7 +602,8 @@ def reshape(ctx, node) -> None:
     if ins is None or outs is None or any(d is None for d in ins[1:]) or any(d is None for d in outs[1:]):
         ctx.block(x.atoms, f"Reshape '{label}' has shapes onnxprune cannot infer")
         return
-    lead_same = len(outs) > a and list(outs[1:a]) == list(ins[1:a])
+    # everything before the channel axis (the batch dim included) must stay as it is
+    lead_same = len(outs) > a and list(outs[:a]) == list(ins[:a])
     if lead_same and len(outs) > a and outs[a] == ins[a]:
         atoms, factor = x.atoms, 1
     elif lead_same and len(outs) == a + 1 and outs[a] == int(np.prod(ins[a:])):
@@ -584,8 +634,14 @@ def resize(ctx, node) -> None:
         ctx.block(x.atoms, f"{node.op_type} '{label}' resizes the channel axis")
         return
     sizes_name = node.input[3] if node.op_type == "Resize" and len(node.input) > 3 and node.input[3] else None
-    if sizes_name:
-        entry = ctx.shape_entry(sizes_name, x.axis, x)
+    axes = attr(node, "axes")  # opset 18: sizes/scales list only these axes
+    position = x.axis
+    if axes is not None:
+        rank = len(ins)
+        axes = [a % rank for a in axes]
+        position = axes.index(x.axis) if x.axis in axes else None
+    if sizes_name and position is not None:
+        entry = ctx.shape_entry(sizes_name, position, x)
         if isinstance(entry, tuple) and entry[0] == "const":
             ctx.edit(ShapeEntry(entry[1], entry[2], x.atoms, 1, node.name))
         elif entry != "keep":

@@ -38,12 +38,14 @@ def masked_model(cg, unit_kept: np.ndarray) -> onnx.ModelProto:
         if not gone.any():
             continue
         node = nodes[c.node]
-        t = inits[node.input[1]]
-        w = numpy_helper.to_array(t).copy()
+        w = numpy_helper.to_array(inits[node.input[1]]).copy()
         idx = [slice(None)] * w.ndim
         idx[input_axis(node)] = np.nonzero(gone)[0]
         w[tuple(idx)] = 0
-        t.CopyFrom(numpy_helper.from_array(w, t.name))
+        # a private zeroed copy: a weight shared with another node must stay intact there
+        name = f"{node.input[1]}__masked_{node.name}"
+        m.graph.initializer.append(numpy_helper.from_array(w, name))
+        node.input[1] = name
     return m
 
 
@@ -57,6 +59,9 @@ def random_mask(cg, rng: np.random.Generator, *, max_ratio: float = 0.8) -> np.n
             continue
         gone = rng.choice(np.array(g.units), size=n_remove, replace=False)
         keep[gone] = False
+    for _, units in cg.segments:  # a valid plan leaves every Split output / channel Slice non-empty
+        if len(units) and not keep[units].any():
+            keep[rng.choice(units)] = True
     return keep
 
 
