@@ -26,7 +26,7 @@ from .data import ImageOptions, load_dataset
 from .errors import OutputError, UsageError
 from .evaluate import Evaluator, compute_metrics, make_session
 from .flops import count
-from .graph import check_model_path, check_output_path, load_model, save_model
+from .graph import check_model_path, check_output_path, has_external_data, load_model, save_model
 from .groups import ChannelGraph, find_groups
 from .importance import CRITERIA, score_units
 from .plan import PruningPlan
@@ -58,6 +58,9 @@ class PruneOptions:
     memory_budget_mb: float = 1024
     seed: int = 0
     image_options: ImageOptions | None = None
+    calibrate: int = 512  # samples used to calibrate activation statistics when data is given; 0 = off
+    calibrate_method: str = "both"  # bias | affine | both
+    calibrated_sensitivity: bool = False  # measure sensitivity after calibration (slower, closer to the final model)
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -71,6 +74,10 @@ class PruneOptions:
             )
         if int(self.round_to) < 1:
             raise UsageError(f"--round-to must be >= 1, got {self.round_to}", fix="use --round-to 1 to disable rounding")
+        if isinstance(self.calibrate, bool) or int(self.calibrate) < 0:
+            raise UsageError(f"--calibrate must be a number of samples >= 0, got {self.calibrate}", fix="e.g. --calibrate 512, or --calibrate 0 to disable")
+        if self.calibrate_method not in ("bias", "affine", "both"):
+            raise UsageError(f"unknown calibration method '{self.calibrate_method}'", fix="use --calibrate-method bias, affine or both")
         if any(not (0 < r < 1) for r in self.grid):
             raise UsageError(f"sensitivity ratios must be in (0, 1), got {self.grid}", fix="e.g. --grid 0.1,0.3,0.5,0.7")
 
@@ -120,6 +127,7 @@ def allocate_plan(
     evaluator: Evaluator | None,
     cache: Path | None,
     progress: StageProgress,
+    calibrator=None,
 ) -> tuple[allocate.Allocation, dict]:
     """Run the chosen strategy; returns the allocation and extra report details."""
     strategy = options.strategy
@@ -137,11 +145,18 @@ def allocate_plan(
         criterion=options.criterion,
         cache_file=cache,
         memory_budget_mb=options.memory_budget_mb,
+        transform=calibrator.transform(method=options.calibrate_method) if calibrator is not None else None,
+        cache_extra=f"calibrate={options.calibrate_method}:{len(calibrator.x)}" if calibrator is not None else "",
         progress=lambda d, t: progress("sensitivity", d, t),
     )
     fn = allocate.by_threshold if strategy == "sensitivity" else allocate.cost_aware
     alloc = fn(cg, scores, run.curves, target=options.target_flops, round_to=options.round_to)
-    detail = {"sensitivity_seconds": run.seconds, "sensitivity_metric": run.curves.metric, "sensitivity_cached_groups": run.cached}
+    detail = {
+        "sensitivity_seconds": run.seconds,
+        "sensitivity_metric": run.curves.metric,
+        "sensitivity_cached_groups": run.cached,
+        "sensitivity_calibrated": calibrator is not None,
+    }
     return alloc, detail
 
 
@@ -157,6 +172,7 @@ def prune(
     report_path: str | Path | None = None,
     write: bool = True,
     train_data: str | None = None,
+    calib_data: str | None = None,
     finetune_options=None,
     distill: bool = True,
     progress: StageProgress | None = None,
@@ -192,7 +208,9 @@ def prune(
 
         _require_torch()  # fail before the long work when torch is missing
         train = load_dataset(train_data, image_options=options.image_options)
+    external = has_external_data(model_path)  # keep the input's layout: external data in, external data out
     cg = find_groups(model, exclude=options.exclude, input_shapes=options.input_shapes)
+    del model  # cg.model is a copy: do not hold two full sets of weights (matters for >2 GB models)
     before = count(cg.model, shapes=cg.shapes)
     timings["analyze"] = time.perf_counter() - t0
 
@@ -206,6 +224,15 @@ def prune(
         metrics["original"] = compute_metrics(list(ref), labels=evaluator.dataset.y, reference=ref).to_dict()
         timings["reference"] = time.perf_counter() - t
 
+    calibrator = None
+    if options.calibrate and (calib_data is not None or evaluator is not None):
+        t = time.perf_counter()
+        from .calibrate import Calibrator
+
+        source = load_dataset(calib_data, limit=options.calibrate, image_options=options.image_options) if calib_data else evaluator.dataset
+        calibrator = Calibrator(cg, source.x[: options.calibrate], batch_size=options.batch_size, device=options.device, progress=lambda d, tt: progress("calibration", d, tt))
+        timings["calibration_stats"] = time.perf_counter() - t
+
     t = time.perf_counter()
     scores = score_units(cg, options.criterion, seed=options.seed)
     detail: dict = {}
@@ -216,7 +243,10 @@ def prune(
     else:
         # only runs that measure sensitivity use (and create) the cache folder
         cache = cache_file(options.cache_dir, model_path) if evaluator is not None and options.strategy != "uniform" else None
-        alloc, detail = allocate_plan(cg, scores, options, evaluator=evaluator, cache=cache, progress=progress)
+        alloc, detail = allocate_plan(
+            cg, scores, options, evaluator=evaluator, cache=cache, progress=progress,
+            calibrator=calibrator if options.calibrated_sensitivity else None,
+        )
         mask = allocate.MaskBuilder(cg, scores).mask(alloc.keep)
         strategy = alloc.strategy
         detail.update(alloc.detail)
@@ -231,6 +261,15 @@ def prune(
         t = time.perf_counter()
         metrics["pruned"] = evaluator.evaluate(pruned, progress=lambda d, tt: progress("evaluate", d, tt)).to_dict()
         timings["evaluate"] = time.perf_counter() - t
+    if calibrator is not None:
+        t = time.perf_counter()
+        res = calibrator.calibrate(mask, pruned, method=options.calibrate_method)
+        pruned = res.model
+        detail["calibration"] = {"summary": res.summary(), "samples": res.samples, "method": res.method, "seconds": res.seconds,
+                                 "source": calib_data or "--data"}
+        timings["calibrate"] = time.perf_counter() - t
+        if evaluator is not None:
+            metrics["calibrated"] = evaluator.evaluate(pruned).to_dict()
     if train is not None:
         t = time.perf_counter()
         pruned, detail["finetune"] = _finetune_stage(pruned, cg.model if distill else None, train, finetune_options, progress)
@@ -258,7 +297,7 @@ def prune(
     )
     if write:
         t = time.perf_counter()
-        save_model(pruned, out)
+        save_model(pruned, out, external_data=True if external else None)
         if save_plan is not None:
             the_plan.save(save_plan)
         timings["save"] = time.perf_counter() - t

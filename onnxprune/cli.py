@@ -53,6 +53,25 @@ class _DefaultGroup(click.Group):
             args = ["prune", *args]
         return super().parse_args(ctx, args)
 
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        """Click's usage errors as one line like ours (``error: ... To fix: ...``), exit code 2."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, False, **extra)
+        except click.ClickException as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":  # bare 'onnxprune': show the help as click does
+                exc.show()
+                sys.exit(exc.exit_code)
+            ctx = getattr(exc, "ctx", None)
+            hint = f" To fix: see '{ctx.command_path} --help'." if ctx is not None else ""
+            err_console.print(f"error: {exc.format_message().strip().rstrip('.')}.{hint}", markup=False, soft_wrap=True)
+            sys.exit(exc.exit_code)
+        except click.exceptions.Abort:
+            err_console.print("interrupted", markup=False)
+            sys.exit(130)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
 
 def _terminate(signum, frame):  # SIGTERM behaves like Ctrl-C: temp files are removed
     raise KeyboardInterrupt
@@ -182,6 +201,10 @@ def main() -> None:
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=Path(".onnxprune-cache"), show_default=True, help="Sensitivity cache folder (resumes interrupted runs).")
 @click.option("--memory-budget", type=float, default=1024, show_default=True, help="MiB of cached activations for fast sensitivity runs.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@click.option("--calibrate", "calibrate_n", type=int, default=512, show_default=True, help="Samples used to re-calibrate activation statistics after pruning (needs --data or --calib-data; 0 = off).")
+@click.option("--calibrate-method", type=click.Choice(["bias", "affine", "both"]), default="both", show_default=True, help="bias: add removed channels' mean contribution; affine: match per-channel mean/std; both.")
+@click.option("--calib-data", help="Unlabeled data for --calibrate [default: the first samples of --data].")
+@click.option("--calibrated-sensitivity", is_flag=True, help="Measure sensitivity after calibration (slower; closer to the final model).")
 @click.option("--finetune-epochs", type=int, default=0, show_default=True, help="Fine-tune the pruned model for N epochs with torch (needs --train-data).")
 @click.option("--train-data", help="Training data for --finetune-epochs (.npz with x, y; folder; module:function).")
 @click.option("--lr", type=float, default=0.01, show_default=True, help="Fine-tuning learning rate.")
@@ -191,7 +214,7 @@ def main() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @data_options
 @run_safely
-def prune_cmd(model, target_flops, output, strategy, criterion, round_to, exclude, input_shape, report_path, plan, save_plan, grid, cache_dir, memory_budget, force, finetune_epochs, train_data, lr, optimizer, distill, quiet, as_json, data, limit, batch_size, device, image_size, crop, mean, std, channel_order, scale, grayscale):
+def prune_cmd(model, target_flops, output, strategy, criterion, round_to, exclude, input_shape, report_path, plan, save_plan, grid, cache_dir, memory_budget, force, calibrate_n, calibrate_method, calib_data, calibrated_sensitivity, finetune_epochs, train_data, lr, optimizer, distill, quiet, as_json, data, limit, batch_size, device, image_size, crop, mean, std, channel_order, scale, grayscale):
     from .api import PruneOptions, prune
 
     ft = None
@@ -216,9 +239,12 @@ def prune_cmd(model, target_flops, output, strategy, criterion, round_to, exclud
         cache_dir=str(cache_dir) if cache_dir else None,
         memory_budget_mb=memory_budget,
         image_options=_image_options(image_size, crop, mean, std, channel_order, scale, grayscale),
+        calibrate=calibrate_n,
+        calibrate_method=calibrate_method,
+        calibrated_sensitivity=calibrated_sensitivity,
     )
     with progress_bar(not quiet and not as_json) as cb:
-        result = prune(model, options=options, data=data, output=output, force=force, plan=plan, save_plan=save_plan, report_path=report_path, train_data=train_data, finetune_options=ft, distill=distill, progress=cb)
+        result = prune(model, options=options, data=data, output=output, force=force, plan=plan, save_plan=save_plan, report_path=report_path, train_data=train_data, calib_data=calib_data, finetune_options=ft, distill=distill, progress=cb)
     if as_json:
         click.echo(json.dumps(result.report.to_dict(), default=str, indent=1))
         return
@@ -297,10 +323,11 @@ def analyze_cmd(model, input_shape, exclude, as_json):
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=Path(".onnxprune-cache"), show_default=True)
 @click.option("--memory-budget", type=float, default=1024, show_default=True)
 @click.option("--no-suffix", is_flag=True, help="Evaluate the full model for every measurement (slower; for comparison).")
+@click.option("--calibrate", "calibrate_n", type=int, default=0, show_default=True, help="Measure each drop after calibrating on N samples of --data (about 5x slower).")
 @click.option("--quiet", is_flag=True)
 @data_options
 @run_safely
-def sensitivity_cmd(model, criterion, grid, exclude, input_shape, csv_path, json_path, plot_path, cache_dir, memory_budget, no_suffix, quiet, data, limit, batch_size, device, image_size, crop, mean, std, channel_order, scale, grayscale):
+def sensitivity_cmd(model, criterion, grid, exclude, input_shape, csv_path, json_path, plot_path, cache_dir, memory_budget, no_suffix, calibrate_n, quiet, data, limit, batch_size, device, image_size, crop, mean, std, channel_order, scale, grayscale):
     """Measure each channel group's accuracy drop when pruned alone at each ratio."""
     from .api import PruneOptions, build_evaluator, cache_file
     from .graph import load_model, write_text_atomic
@@ -315,7 +342,13 @@ def sensitivity_cmd(model, criterion, grid, exclude, input_shape, csv_path, json
     cg = find_groups(m, exclude=options.exclude, input_shapes=options.input_shapes)
     with progress_bar(not quiet) as cb:
         ev = build_evaluator(cg.model, data, options, cb)
-        run = analyze(cg, score_units(cg, criterion), ev, grid=options.grid, criterion=criterion, cache_file=cache_file(str(cache_dir), Path(model)), memory_budget_mb=memory_budget, suffix=not no_suffix, progress=lambda d, t: cb("sensitivity", d, t))
+        transform, extra = None, ""
+        if calibrate_n:
+            from .calibrate import Calibrator
+
+            cal = Calibrator(cg, ev.dataset.x[:calibrate_n], batch_size=batch_size, device=device)
+            transform, extra = cal.transform(), f"calibrate=both:{len(cal.x)}"
+        run = analyze(cg, score_units(cg, criterion), ev, grid=options.grid, criterion=criterion, cache_file=cache_file(str(cache_dir), Path(model)), cache_extra=extra, memory_budget_mb=memory_budget, suffix=not no_suffix, transform=transform, progress=lambda d, t: cb("sensitivity", d, t))
     rows = curves_to_rows(cg, run.curves)
     t = Table(title=f"{run.curves.metric} drop (points) per group; baseline {100 * run.curves.baseline:.2f}%", title_justify="left")
     t.add_column("group")

@@ -26,7 +26,7 @@ class OnnxPruneError(Exception):
     def one_line(self) -> str:
         text = self.message.strip().replace("\n", " ")
         if self.fix:
-            text = f"{text}. To fix: {self.fix.strip().rstrip('.')}."
+            text = f"{text.rstrip('.')}. To fix: {self.fix.strip().rstrip('.')}."
         return text
 
 

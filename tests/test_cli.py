@@ -55,7 +55,7 @@ def _independent_top1(path: Path, limit: int) -> float:
 
 def test_main_job_uniform_reports_accuracy_that_matches_independent_eval(tmp_path):
     out, rep = tmp_path / "p.onnx", tmp_path / "r.json"
-    r = cli(DEMO, "--target-flops", "0.3", "--strategy", "uniform", "--data", VAL, "--limit", 600, "-o", out, "--report", rep)
+    r = cli(DEMO, "--target-flops", "0.3", "--strategy", "uniform", "--data", VAL, "--limit", 600, "--calibrate", 0, "-o", out, "--report", rep)
     assert r.returncode == 0, r.stderr
     assert "MACs" in r.stdout and "target -30.0%" in r.stdout and "top1" in r.stdout
     assert "CPUExecutionProvider" in r.stdout
@@ -127,6 +127,7 @@ def test_main_job_with_finetuning_recovers_accuracy(tmp_path, split_data):
     assert "finetuned:" in r.stdout
     d = json.loads((tmp_path / "r.json").read_text())
     assert d["metrics"]["finetuned"]["top1"] > d["metrics"]["pruned"]["top1"] + 0.1
+    assert d["metrics"]["finetuned"]["top1"] >= d["metrics"]["calibrated"]["top1"] - 0.02
     assert d["detail"]["finetune"]["distilled"] is True
     # the written model is the fine-tuned one: an independent evaluation agrees
     e = np.load(ev)
@@ -145,3 +146,17 @@ def test_finetune_command_writes_better_model(tmp_path, split_data):
     acc = {p: compute_metrics(make_session(onnx.load(str(p)), device="cpu").run(e["x"]), labels=e["y"]).top1 for p in (pruned, tmp_path / "ft.onnx")}
     assert acc[tmp_path / "ft.onnx"] > acc[pruned] + 0.1
     assert pruned.read_bytes() == (tmp_path / "p.onnx").read_bytes()
+
+
+def test_main_job_calibrates_by_default_and_reports_each_stage(tmp_path):
+    calib = ROOT / "models" / "demo" / "fmnist_calib.npz"
+    rep = tmp_path / "r.json"
+    r = cli(DEMO, "--target-flops", "0.3", "--strategy", "uniform", "--data", VAL, "--limit", 600, "--calib-data", calib, "-o", tmp_path / "c.onnx", "--report", rep)
+    assert r.returncode == 0, r.stderr
+    assert "calibrated:" in r.stdout
+    d = json.loads(rep.read_text())
+    assert d["metrics"]["calibrated"]["top1"] > d["metrics"]["pruned"]["top1"] + 0.1
+    assert d["detail"]["calibration"]["samples"] == 512 and d["detail"]["calibration"]["source"] == str(calib)
+    assert d["metrics"]["calibrated"]["top1"] == pytest.approx(_independent_top1(tmp_path / "c.onnx", 600))
+    r = cli(DEMO, "--target-flops", "0.3", "--strategy", "uniform", "--data", VAL, "--limit", 300, "--calibrate", 0, "-o", tmp_path / "n.onnx", "--json")
+    assert "calibrated" not in json.loads(r.stdout)["metrics"]
