@@ -34,6 +34,16 @@ log = logging.getLogger(__name__)
 #: Models above this size (protobuf limit) are saved with external data.
 PROTOBUF_LIMIT = 2**31 - 2**20
 Shape = tuple  # tuple of int | None; None is an unknown or symbolic dim
+#: Largest input (bytes, batch 1) the ONNX Runtime dry run in :func:`infer_shapes` will feed.
+DRY_RUN_INPUT_LIMIT = 2**30
+
+
+def proto_size(model: onnx.ModelProto) -> int:
+    """``model.ByteSize()``, or ``2**31`` when protobuf refuses to measure it (upb raises past 2 GiB)."""
+    try:
+        return model.ByteSize()
+    except Exception:  # google.protobuf.message.EncodeError: the message is over the 2 GiB limit
+        return 2**31
 
 
 # --------------------------------------------------------------------------- load
@@ -58,7 +68,7 @@ def _check_external_locations(model: onnx.ModelProto, base: Path) -> None:
         if not target.is_file():
             raise BadModelError(
                 f"external data file '{loc}' for initializer '{tensor.name}' is missing",
-                fix=f"copy '{loc}' next to the model in {base}",
+                fix=f"copy '{loc}' next to the model (into '{base.resolve()}')",
             )
         length = int(info.get("length", "-1") or -1)
         offset = int(info.get("offset", "0") or 0)
@@ -115,13 +125,56 @@ def load_model(path: str | os.PathLike, *, load_weights: bool = True) -> onnx.Mo
         except Exception as exc:
             raise BadModelError(f"cannot read external data of '{p}': {exc}", fix="restore the data files") from exc
     try:
-        onnx.checker.check_model(model if model.ByteSize() < PROTOBUF_LIMIT else str(p))
+        onnx.checker.check_model(str(p))  # from the file: no serialized copy of the loaded model
     except Exception as exc:
         raise BadModelError(
             f"'{p}' fails the ONNX checker: {str(exc).splitlines()[0][:200]}",
             fix="re-export the model; onnxprune only reads valid ONNX",
         ) from exc
+    _check_tensor_sizes(model, p)
     return model
+
+
+_TYPED_FIELDS = {  # data_type -> field holding one value per element when raw_data is empty
+    onnx.TensorProto.FLOAT: "float_data", onnx.TensorProto.DOUBLE: "double_data",
+    onnx.TensorProto.INT64: "int64_data", onnx.TensorProto.UINT64: "uint64_data",
+    onnx.TensorProto.INT32: "int32_data", onnx.TensorProto.INT16: "int32_data", onnx.TensorProto.INT8: "int32_data",
+    onnx.TensorProto.UINT16: "int32_data", onnx.TensorProto.UINT8: "int32_data", onnx.TensorProto.BOOL: "int32_data",
+    onnx.TensorProto.FLOAT16: "int32_data", onnx.TensorProto.BFLOAT16: "int32_data", onnx.TensorProto.UINT32: "uint64_data",
+}  # fmt: skip
+
+
+def _raw_size(data_type: int, n: int) -> int | None:
+    """Bytes of ``n`` packed elements of ``data_type`` in ``raw_data`` (None if unknown)."""
+    try:
+        if onnx.helper.tensor_dtype_to_string(data_type).endswith(("INT4", "FLOAT4E2M1")):
+            return (n + 1) // 2
+        return n * onnx.helper.tensor_dtype_to_np_dtype(data_type).itemsize
+    except Exception:  # an unknown or undefined type: the checker's business
+        return None
+
+
+def _check_tensor_sizes(model: onnx.ModelProto, p: Path) -> None:
+    """Every loaded constant holds exactly as much data as its dims say (the checker does not look)."""
+    for t in _all_tensors(model):
+        if t.data_location == onnx.TensorProto.EXTERNAL or t.data_type == onnx.TensorProto.STRING:
+            continue  # not loaded (load_weights=False), or variable-size strings
+        n = 1
+        for d in t.dims:
+            n *= d
+        if t.raw_data:
+            have, need, unit = len(t.raw_data), _raw_size(t.data_type, n), "bytes"
+            if need is None:
+                continue
+        elif t.data_type not in _TYPED_FIELDS:
+            continue
+        else:
+            have, need, unit = len(getattr(t, _TYPED_FIELDS[t.data_type])), n, "values"
+        if have != need or any(d < 0 for d in t.dims):
+            raise BadModelError(
+                f"tensor '{t.name}' of shape {list(t.dims)} holds {have} {unit} of data, not {need} (corrupt or truncated file)",
+                fix="re-export the model or restore the original file",
+            )
 
 
 # --------------------------------------------------------------------------- shapes
@@ -171,7 +224,7 @@ def with_input_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, Sequenc
         if old is not None and len(old) != len(shape):
             raise UsageError(
                 f"--input-shape for '{name}' has {len(shape)} dims but the input has rank {len(old)}",
-                fix=f"give {len(old)} dims, e.g. {name}:{'x'.join(str(d or 1) for d in old)}",
+                fix=f"give {len(old)} dims, e.g. {name}:{'x'.join(_dim_hint(d, i, len(old)) for i, d in enumerate([1, *old[1:]]))}",
             )
         dims = vi.type.tensor_type.shape.dim
         del dims[:]
@@ -209,6 +262,11 @@ def _ort_shapes(model: onnx.ModelProto, wanted: Sequence[str]) -> dict[str, Shap
                 fix=f"pass --input-shape {vi.name}:{'x'.join(_dim_hint(d, i, len(dims)) for i, d in enumerate([1, *dims[1:]]))} with the real sizes",
             )
         elem = onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
+        if int(np.prod(shape, dtype=np.float64)) * np.dtype(elem).itemsize > DRY_RUN_INPUT_LIMIT:
+            raise ShapeError(  # a malformed or hostile file must not make us allocate gigabytes
+                f"input '{vi.name}' of shape {shape} is too large for a dry run to measure shapes",
+                fix=f"pass --input-shape {vi.name}:DIMS with the real (smaller) sizes",
+            )
         feeds[vi.name] = np.zeros(shape, dtype=elem)
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -281,10 +339,11 @@ def infer_shapes(
     if missing:
         log.debug("running ONNX Runtime to measure %d shapes", len(missing))
         measured = _ort_shapes(model, missing)
+        symbolic_batch = any((_dims(vi) or (1,))[0] is None for vi in graph_inputs(model))
         for n, s in measured.items():
             old = shapes.get(n)
-            # keep a symbolic batch dim symbolic
-            if old and len(old) == len(s) and old[0] is None:
+            # keep a symbolic batch dim symbolic: the dry run used batch 1
+            if (old and len(old) == len(s) and old[0] is None) or (not old and symbolic_batch and len(s) >= 2 and s[0] == 1):
                 s = (None, *s[1:])
             shapes[n] = s
     return shapes
@@ -448,31 +507,55 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
     """Save ``model`` atomically. Large models (>2 GB) go to ``<name>.data`` beside it."""
     path = Path(path)
     if external_data is None:
-        external_data = model.ByteSize() >= PROTOBUF_LIMIT if _all_inline(model) else True
+        external_data = proto_size(model) >= PROTOBUF_LIMIT if _all_inline(model) else True
     if not external_data:
         try:
             data = model.SerializeToString()
-        except ValueError as exc:  # protobuf refuses >2GB
+        except Exception as exc:  # protobuf refuses >2GB (ValueError or EncodeError)
             raise OutputError(f"model too large to serialize: {exc}", fix="save with external data") from exc
         write_bytes_atomic(path, data)
         return path
     data_name = path.name + ".data"
     m = onnx.ModelProto()
     m.CopyFrom(model)
-    # data first, then the model that points at it: a reader never sees a model
-    # whose data file is missing or half-written.
-    with atomic_path(path.parent / data_name) as tmp_data:
-        tmp_data.unlink()
-        onnx.external_data_helper.convert_model_to_external_data(
-            m, all_tensors_to_one_file=True, location=tmp_data.name, size_threshold=1024
-        )
-        onnx.external_data_helper.write_external_data_tensors(m, str(path.parent))
-    for t in _all_tensors(m):
-        for e in t.external_data:
-            if e.key == "location":
-                e.value = data_name
-    write_bytes_atomic(path, m.SerializeToString())
+    # Both files are written completely under temporary names; then the data is
+    # renamed into place, then the model that points at it (back to back). A
+    # failure or Ctrl-C before that leaves neither; a failure between the two
+    # renames removes the new data file unless one existed before.
+    data_target = path.parent / data_name
+    had_data = data_target.exists()
+    try:
+        with atomic_path(path) as tmp_model, atomic_path(data_target) as tmp_data:
+            tmp_data.unlink()
+            onnx.external_data_helper.convert_model_to_external_data(
+                m, all_tensors_to_one_file=True, location=tmp_data.name, size_threshold=1024
+            )
+            onnx.external_data_helper.write_external_data_tensors(m, str(path.parent))
+            for t in _all_tensors(m):
+                for e in t.external_data:
+                    if e.key == "location":
+                        e.value = data_name
+            tmp_model.write_bytes(m.SerializeToString())
+    except BaseException:
+        if not had_data:
+            with contextlib.suppress(FileNotFoundError):
+                data_target.unlink()
+        raise
     return path
+
+
+def has_external_data(path: str | os.PathLike, *, max_proto_bytes: int = 64 * 2**20) -> bool:
+    """Whether the model file keeps tensors in external data files (reads the graph, not the data).
+
+    Files over ``max_proto_bytes`` hold their weights inline (mostly): they are not parsed again.
+    """
+    p = Path(path)
+    try:
+        if p.stat().st_size > max_proto_bytes:
+            return False
+        return not _all_inline(onnx.load(str(p), load_external_data=False))
+    except Exception:  # load_model reports problems with the file itself
+        return False
 
 
 def _all_inline(model: onnx.ModelProto) -> bool:

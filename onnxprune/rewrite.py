@@ -21,7 +21,7 @@ from onnx import helper, numpy_helper
 
 from .edits import PadChannels, SetGroup, ShapeEntry, SliceBounds, SliceTensor, SplitSizes
 from .errors import PlanError, VerificationError
-from .graph import opset_version
+from .graph import _weightless_copy, opset_version
 from .groups import ChannelGraph
 
 log = logging.getLogger(__name__)
@@ -195,7 +195,7 @@ def apply_mask(cg: ChannelGraph, unit_kept: np.ndarray, *, reinfer: bool = True,
     del m.graph.value_info[:]
     if reinfer:
         try:
-            inferred = onnx.shape_inference.infer_shapes(m, data_prop=True)
+            inferred = onnx.shape_inference.infer_shapes(_weightless_copy(m), data_prop=True)  # no weight copies
             m.graph.value_info.extend(inferred.graph.value_info)
         except Exception as exc:  # inference is a convenience; ORT re-infers at load
             log.debug("shape inference after pruning failed: %s", exc)
