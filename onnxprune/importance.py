@@ -43,15 +43,27 @@ def _out_axis(node: onnx.NodeProto) -> int:
 
 
 def _weight_rows(w: np.ndarray, axis: int) -> np.ndarray:
-    return np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1).astype(np.float64)
+    """``[positions, rest]`` view (a copy only when ``axis`` is not leading), in the weight's dtype."""
+    return np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+
+
+def _row_norms(rows: np.ndarray, p: int, chunk: int = 1 << 22) -> np.ndarray:
+    """L1/L2 norm of each row, in float64, a few MB at a time (no full float64 copy of big weights)."""
+    out = np.zeros(len(rows))
+    step = max(1, chunk // max(1, rows.shape[1]))
+    for i in range(0, len(rows), step):
+        r = rows[i : i + step].astype(np.float64)
+        out[i : i + step] = np.abs(r).sum(axis=1) if p == 1 else (r * r).sum(axis=1)
+    return out if p == 1 else np.sqrt(out)
 
 
 def _position_scores(rows: np.ndarray, criterion: str) -> np.ndarray:
     if criterion == "l1":
-        return np.abs(rows).sum(axis=1)
+        return _row_norms(rows, 1)
     if criterion == "l2":
-        return np.sqrt((rows**2).sum(axis=1))
+        return _row_norms(rows, 2)
     if criterion == "fpgm":
+        rows = rows.astype(np.float64)
         sq = (rows**2).sum(axis=1)
         d2 = np.maximum(sq[:, None] + sq[None, :] - 2.0 * rows @ rows.T, 0.0)
         return np.sqrt(d2).sum(axis=1)
