@@ -191,7 +191,7 @@ def main() -> None:
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Output model [default: MODEL.pruned.onnx].")
 @click.option("--strategy", type=click.Choice(["auto", "uniform", "sensitivity", "cost-aware"]), default="auto", show_default=True, help="auto = sensitivity with --data, uniform without.")
 @click.option("--criterion", type=click.Choice(["l1", "l2", "fpgm", "bn", "random"]), default="l1", show_default=True, help="Channel importance.")
-@click.option("--round-to", type=int, default=8, show_default=True, help="Kept channel counts are multiples of N (ONNX Runtime is fastest at 8/16).")
+@click.option("--round-to", default="auto", show_default=True, help="Kept channel counts are multiples of N; auto = the CPU's SIMD block (16 with AVX-512, else 8), halved where the target needs it. 1 = no rounding.")
 @click.option("--exclude", multiple=True, help="Node name or glob whose channels stay (repeatable).")
 @click.option("--input-shape", multiple=True, help="NAME:1x3x224x224 for inputs with dynamic spatial dims (repeatable).")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the JSON report here.")
@@ -217,6 +217,11 @@ def main() -> None:
 def prune_cmd(model, target_flops, output, strategy, criterion, round_to, exclude, input_shape, report_path, plan, save_plan, grid, cache_dir, memory_budget, force, calibrate_n, calibrate_method, calib_data, calibrated_sensitivity, finetune_epochs, train_data, lr, optimizer, distill, quiet, as_json, data, limit, batch_size, device, image_size, crop, mean, std, channel_order, scale, grayscale):
     from .api import PruneOptions, prune
 
+    if round_to != "auto":
+        try:
+            round_to = int(round_to)
+        except ValueError:
+            raise UsageError(f"--round-to must be 'auto' or an integer, got '{round_to}'", fix="e.g. --round-to 8") from None
     ft = None
     if finetune_epochs:
         from .finetune import FinetuneOptions

@@ -98,3 +98,19 @@ def test_no_prunable_group_is_an_error(zoo_export):
     cg = find_groups(onnx.load(str(zoo_export("plain_cnn", "legacy", 1.0))), exclude=["*"])
     with pytest.raises(TargetError, match="no channel group can be pruned"):
         allocate.uniform(cg, score_units(cg, "l1"), target=0.3)
+
+
+def test_auto_rounding_uses_simd_block_and_halves_when_needed(zoo_export):
+    from onnxprune.api import PruneOptions, prune
+    from onnxprune.hardware import round_to_candidates, simd_channel_block
+
+    block = simd_channel_block()
+    assert block in (8, 16) and round_to_candidates("auto")[0] == block and round_to_candidates(12) == [12]
+    path = zoo_export("resnet56", "legacy", 1.0)
+    r30 = prune(path, options=PruneOptions(target_flops=0.3), write=False).report
+    assert r30.round_to == block and r30.reduction >= 0.3
+    # ResNet-56's 16-channel stage cannot shrink at multiples of 16: -50% needs multiples of 8
+    r50 = prune(path, options=PruneOptions(target_flops=0.5), write=False).report
+    assert r50.round_to == 8 and r50.reduction >= 0.5
+    kept = [g.channels_after for g in r50.groups if g.blocked_reason is None]
+    assert all(k % 8 == 0 for k in kept)
