@@ -4,9 +4,13 @@ For each prunable group and each ratio of a grid, prune that group alone
 (best-scored channels kept, no rounding) and measure the drop of the primary
 metric (top-1 with labels, else agreement or cosine with the original).
 
-Speed: pruning one group changes only the nodes downstream of it. The
-activations entering that part (the *frontier*) are computed once with the
-original model and only the suffix runs for each ratio. Frontiers of several
+Speed: pruning one group changes only the nodes downstream of it, and up to
+the first nodes that *read* the removed channels (its consumers) tensors only
+lose channels. So the suffix starts at the consumers: the activations entering
+it (the *frontier*) are computed once with the original model, restricted to
+the kept channels where they carry the group's channels, and only the suffix
+runs for each ratio (constant-only inputs such as computed Pad amounts are
+computed inside the suffix). Frontiers of several
 consecutive groups are computed in one pass while they fit the memory budget;
 a group whose frontier does not fit is evaluated on the full model.
 
@@ -30,7 +34,7 @@ import onnx
 
 from .allocate import MaskBuilder, SensitivityCurves, nearest
 from .evaluate import Evaluator, compute_metrics, resolve_providers
-from .graph import write_text_atomic
+from .graph import proto_size, write_text_atomic
 from .groups import ChannelGraph
 from .rewrite import apply_mask
 
@@ -51,7 +55,7 @@ class SensitivityRun:
 
 def cache_key(model: onnx.ModelProto, evaluator: Evaluator, *, criterion: str, grid: Sequence[float], extra: str = "") -> str:
     h = hashlib.sha256()
-    h.update(model.SerializeToString(deterministic=True) if model.ByteSize() < 2**31 else model.graph.name.encode())
+    h.update(model.SerializeToString(deterministic=True) if proto_size(model) < 2**31 - 2**20 else model.graph.name.encode())
     h.update(np.ascontiguousarray(evaluator.dataset.x).tobytes())
     if evaluator.dataset.y is not None:
         h.update(np.ascontiguousarray(evaluator.dataset.y).tobytes())
@@ -81,6 +85,104 @@ def _frontier(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> list[str]:
                 seen.add(i)
                 out.append(i)
     return out
+
+
+def _changed_part(cg: ChannelGraph, producers: Sequence[str], nodes: list[onnx.NodeProto]):
+    """Split ``nodes`` (downstream of a group) into the nodes whose outputs change in *value*
+    when the group loses channels, and the tensors that only *lose channels*.
+
+    Between a group's producers and its consumers every op passes channels
+    through one by one (ops that mix channels are compute nodes or block the
+    group), so there the pruned tensor is the original one restricted to the
+    kept positions: ``pruned_t = take(t, nonzero(kept(atoms)), axis)`` with
+    ``(axis, atoms) = cg.tensor_maps[t]``. Values change only from the first
+    compute node that reads the removed channels (or a Shape/Size of a tensor
+    that lost channels) on. Returns ``(changed nodes, {tensor: (axis, atoms)})``;
+    the suffix then starts at the consumers instead of the producers.
+    """
+    compute = {c.node: c for c in cg.compute}
+    producers = set(producers)
+    changed_t: set[str] = set()
+    sel: dict[str, tuple[int, np.ndarray]] = {}
+    part = []
+    for n in nodes:
+        ins = [i for i in n.input if i]
+        if any(i in changed_t for i in ins) or n.op_type in ("Shape", "Size"):
+            selects = False
+        elif not any(i in sel for i in ins):  # nothing upstream lost channels: only a producer qualifies
+            selects = n.name in producers and n.name in compute
+        else:  # inputs lost channels: a compute node reading them (not depthwise) mixes them
+            c = compute.get(n.name)
+            selects = c is None or c.in_atoms is None
+        outs = [o for o in n.output if o]
+        if selects and all(o in cg.tensor_maps and _map_fits(cg, o) for o in outs):
+            sel.update({o: cg.tensor_maps[o] for o in outs})
+        else:
+            changed_t.update(outs)
+            part.append(n)
+    return part, sel
+
+
+def _map_fits(cg: ChannelGraph, name: str) -> bool:
+    axis, atoms = cg.tensor_maps[name]
+    shape = cg.shapes.get(name)
+    return shape is not None and 0 < axis < len(shape) and shape[axis] == len(atoms)
+
+
+def _dynamic_tensors(model: onnx.ModelProto) -> set[str]:
+    """Tensors that depend on the model's data inputs (the rest is arithmetic on constants)."""
+    inits = {t.name for t in model.graph.initializer}
+    dyn = {i.name for i in model.graph.input if i.name not in inits}
+    for n in model.graph.node:
+        if any(i in dyn for i in n.input if i):
+            dyn.update(o for o in n.output if o)
+    return dyn
+
+
+def _with_static_producers(model: onnx.ModelProto, part: list[onnx.NodeProto], dynamic: set[str]) -> list[onnx.NodeProto]:
+    """``part`` plus the nodes that compute its constant-only inputs (e.g. the pads of a channel
+    ``Pad`` built from ``ConstantOfShape``/``Concat``/``Cast``), so such tensors are computed in
+    the suffix instead of being frontier inputs without a batch axis."""
+    produced_by = {o: n for n in model.graph.node for o in n.output if o}
+    names = {n.name for n in part}
+    need = [i for n in part for i in n.input if i and i not in dynamic and i in produced_by]
+    while need:
+        n = produced_by[need.pop()]
+        if n.name not in names:
+            names.add(n.name)
+            need.extend(i for i in n.input if i and i in produced_by)
+    return [n for n in model.graph.node if n.name in names]
+
+
+class _Selected:
+    """``np.take(value, idx, axis)``, taken one batch at a time when the runner slices it
+    (the batch stays in cache for ORT; no full-size copy per evaluation)."""
+
+    def __init__(self, value: np.ndarray, idx: np.ndarray, axis: int):
+        self.value, self.idx, self.axis = value, idx, axis
+
+    def __len__(self) -> int:
+        return len(self.value)
+
+    def __getitem__(self, batch: slice) -> np.ndarray:
+        return np.take(self.value[batch], self.idx, axis=self.axis)
+
+
+def _select_feeds(cg: ChannelGraph, mask: np.ndarray, frontier: list[str], sel: dict, cache: dict):
+    """Suffix inputs for ``mask``: cached original tensors, restricted to the kept channels where they lost some."""
+    kept = cg.atom_kept(mask)
+    feeds, shapes = {}, {}
+    for f in frontier:
+        value, shape = cache[f], cg.shapes[f]
+        if f in sel:
+            axis, atoms = sel[f]
+            keep = kept(atoms)
+            if not keep.all():
+                idx = np.flatnonzero(keep)
+                value = _Selected(value, idx, axis)
+                shape = (*shape[:axis], len(idx), *shape[axis + 1 :])
+        feeds[f], shapes[f] = value, shape
+    return feeds, shapes
 
 
 def _suffix_model(pruned: onnx.ModelProto, names: set[str], frontier: list[str], shapes, dtypes) -> onnx.ModelProto:
@@ -185,9 +287,13 @@ def analyze(
     dtypes = _tensor_dtypes(cg.model) if use_suffix else {}
     budget = memory_budget_mb * 2**20
     todo = [g for g in groups if g.id not in results]
-    plans = {}
+    plans, selects = {}, {}
+    dynamic = _dynamic_tensors(cg.model) if use_suffix else set()
     for g in todo:
         nodes = _downstream(cg.model, g.members)
+        if use_suffix:  # start at the consumers: up to them, tensors only lose channels
+            nodes, selects[g.id] = _changed_part(cg, g.producers, nodes)
+            nodes = _with_static_producers(cg.model, nodes, dynamic)
         front = _frontier(cg.model, nodes)
         ok = use_suffix and all(o in {t for n in nodes for t in n.output} for o in outputs)
         ok = ok and all(
@@ -235,8 +341,9 @@ def analyze(
             if transform is not None:
                 pruned = transform(pruned, mask)
             if ok:
-                sm = _suffix_model(pruned, {n.name for n in nodes}, front, cg.shapes, dtypes)
-                outs = runner.run(sm, {f: cache[f] for f in front})
+                feeds, shapes = _select_feeds(cg, mask, front, selects[g.id], cache)
+                sm = _suffix_model(pruned, {n.name for n in nodes}, front, shapes, dtypes)
+                outs = runner.run(sm, feeds)
                 suffix_evals += 1
             else:
                 outs = runner.run(pruned, {input_name: x})
