@@ -102,7 +102,10 @@ def _noop(stage: str, done: int, total: int) -> None:
     return None
 
 
-def cache_file(cache_dir: str | None, model_path: Path) -> Path | None:
+def cache_file(cache_dir: str | None, model_path: Path, variant: str = "") -> Path | None:
+    """The sensitivity cache for ``model_path`` in ``cache_dir``; ``variant`` (criterion,
+    calibration) goes into the name so switching settings does not overwrite other results.
+    The content is keyed by model, data, criterion and grid anyway, so a stale file is ignored."""
     if cache_dir is None:
         return None
     d = Path(cache_dir)
@@ -110,7 +113,23 @@ def cache_file(cache_dir: str | None, model_path: Path) -> Path | None:
         d.mkdir(parents=True, exist_ok=True)
     except OSError as exc:  # a file of that name, a read-only parent...
         raise OutputError(f"cannot create the cache folder '{d}' ({exc.strerror or exc})", fix="pass --cache-dir a writable folder") from None
-    return d / f"{model_path.stem}.sensitivity.json"
+    tag = f".{variant}" if variant else ""
+    return d / f"{model_path.stem}{tag}.sensitivity.json"
+
+
+def sensitivity_variant(criterion: str, calibrate: int = 0, method: str = "both") -> str:
+    """Cache-name tag for a sensitivity run, e.g. ``l1`` or ``l1-cal512-both``."""
+    return f"{criterion}-cal{calibrate}-{method}" if calibrate else criterion
+
+
+def criterion_fallback_note(cg: ChannelGraph, criterion: str) -> str | None:
+    """A warning when ``bn`` cannot work as asked: exporters usually fold BatchNormalization into the convs."""
+    if criterion != "bn" or any(n.op_type == "BatchNormalization" for n in cg.model.graph.node):
+        return None
+    return (
+        "criterion 'bn' found no BatchNormalization nodes (the exporter folded them into the convs), "
+        "so every group was scored with 'l1'; export with BN kept (torch.onnx.export(..., training=TrainingMode.PRESERVE)) to use it"
+    )
 
 
 def build_evaluator(model: onnx.ModelProto, data: str, options: PruneOptions, progress: StageProgress) -> Evaluator:
@@ -252,13 +271,19 @@ def prune(
     t = time.perf_counter()
     scores = score_units(cg, options.criterion, seed=options.seed)
     detail: dict = {}
+    note = criterion_fallback_note(cg, options.criterion)
+    if note:
+        log.warning(note)
+        detail["criterion_note"] = note
     if plan is not None:
         the_plan = PruningPlan.load(plan)
         mask = the_plan.to_mask(cg)
         strategy = "plan"
     else:
         # only runs that measure sensitivity use (and create) the cache folder
-        cache = cache_file(options.cache_dir, model_path) if evaluator is not None and options.strategy != "uniform" else None
+        cal = calibrator is not None and options.calibrated_sensitivity
+        variant = sensitivity_variant(options.criterion, len(calibrator.x) if cal else 0, options.calibrate_method)
+        cache = cache_file(options.cache_dir, model_path, variant) if evaluator is not None and options.strategy != "uniform" else None
         alloc, detail = allocate_plan(
             cg, scores, options, evaluator=evaluator, cache=cache, progress=progress,
             calibrator=calibrator if options.calibrated_sensitivity else None,

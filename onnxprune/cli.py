@@ -328,13 +328,15 @@ def analyze_cmd(model, input_shape, exclude, as_json):
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=Path(".onnxprune-cache"), show_default=True)
 @click.option("--memory-budget", type=float, default=1024, show_default=True)
 @click.option("--no-suffix", is_flag=True, help="Evaluate the full model for every measurement (slower; for comparison).")
-@click.option("--calibrate", "calibrate_n", type=int, default=0, show_default=True, help="Measure each drop after calibrating on N samples of --data (about 5x slower).")
+@click.option("--calibrate", "calibrate_n", type=int, default=512, show_default=True, help="Measure each drop after calibrating the pruned model on N samples, as the main command does by default (0 = off, about 5x faster).")
+@click.option("--calib-data", help="Unlabeled data for --calibrate [default: the first samples of --data].")
 @click.option("--quiet", is_flag=True)
 @data_options
 @run_safely
-def sensitivity_cmd(model, criterion, grid, exclude, input_shape, csv_path, json_path, plot_path, cache_dir, memory_budget, no_suffix, calibrate_n, quiet, data, limit, batch_size, device, image_size, crop, mean, std, channel_order, scale, grayscale):
+def sensitivity_cmd(model, criterion, grid, exclude, input_shape, csv_path, json_path, plot_path, cache_dir, memory_budget, no_suffix, calibrate_n, calib_data, quiet, data, limit, batch_size, device, image_size, crop, mean, std, channel_order, scale, grayscale):
     """Measure each channel group's accuracy drop when pruned alone at each ratio."""
-    from .api import PruneOptions, build_evaluator, cache_file
+    from .api import PruneOptions, build_evaluator, cache_file, criterion_fallback_note, sensitivity_variant
+    from .data import load_dataset
     from .graph import load_model, write_text_atomic
     from .groups import find_groups
     from .importance import score_units
@@ -342,18 +344,24 @@ def sensitivity_cmd(model, criterion, grid, exclude, input_shape, csv_path, json
 
     if not data:
         raise UsageError("sensitivity analysis measures accuracy and needs data", fix="pass --data DATA")
-    options = PruneOptions(criterion=criterion, exclude=tuple(exclude), input_shapes=_input_shapes(input_shape), device=device, batch_size=batch_size, limit=limit, grid=_floats(grid, "--grid"), image_options=_image_options(image_size, crop, mean, std, channel_order, scale, grayscale))
+    options = PruneOptions(criterion=criterion, exclude=tuple(exclude), input_shapes=_input_shapes(input_shape), device=device, batch_size=batch_size, limit=limit, grid=_floats(grid, "--grid"), calibrate=calibrate_n, image_options=_image_options(image_size, crop, mean, std, channel_order, scale, grayscale))
     m = load_model(model)
     cg = find_groups(m, exclude=options.exclude, input_shapes=options.input_shapes)
+    note = criterion_fallback_note(cg, criterion)
+    if note:
+        logging.getLogger("onnxprune").warning(note)
     with progress_bar(not quiet) as cb:
         ev = build_evaluator(cg.model, data, options, cb)
-        transform, extra = None, ""
+        transform, extra, n_cal = None, "", 0
         if calibrate_n:
             from .calibrate import Calibrator
 
-            cal = Calibrator(cg, ev.dataset.x[:calibrate_n], batch_size=batch_size, device=device)
-            transform, extra = cal.transform(), f"calibrate=both:{len(cal.x)}"
-        run = analyze(cg, score_units(cg, criterion), ev, grid=options.grid, criterion=criterion, cache_file=cache_file(str(cache_dir), Path(model)), cache_extra=extra, memory_budget_mb=memory_budget, suffix=not no_suffix, transform=transform, progress=lambda d, t: cb("sensitivity", d, t))
+            x_cal = load_dataset(calib_data, limit=calibrate_n, image_options=options.image_options).x if calib_data else ev.dataset.x
+            cal = Calibrator(cg, x_cal[:calibrate_n], batch_size=batch_size, device=device, progress=lambda d, t: cb("calibration", d, t))
+            n_cal = len(cal.x)
+            transform, extra = cal.transform(), f"calibrate=both:{n_cal}"
+        cache = cache_file(str(cache_dir), Path(model), sensitivity_variant(criterion, n_cal))
+        run = analyze(cg, score_units(cg, criterion), ev, grid=options.grid, criterion=criterion, cache_file=cache, cache_extra=extra, memory_budget_mb=memory_budget, suffix=not no_suffix, transform=transform, progress=lambda d, t: cb("sensitivity", d, t))
     rows = curves_to_rows(cg, run.curves)
     t = Table(title=f"{run.curves.metric} drop (points) per group; baseline {100 * run.curves.baseline:.2f}%", title_justify="left")
     t.add_column("group")
@@ -364,7 +372,8 @@ def sensitivity_cmd(model, criterion, grid, exclude, input_shape, csv_path, json
     for g in cg.prunable_groups:
         t.add_row(g.id, g.producers[0], str(g.channels), *[f"{100 * d:.1f}" for d in run.curves.drops[g.id]])
     out_console.print(t)
-    out_console.print(f"{len(rows)} measurements in {run.seconds:.1f}s ({run.cached} groups from cache)", markup=False)
+    how = f"after calibration on {n_cal} samples" if n_cal else "without calibration"
+    out_console.print(f"{len(rows)} measurements {how} in {run.seconds:.1f}s ({run.cached} groups from cache)", markup=False)
     if csv_path:
         lines = ["group,producer,channels,ratio,drop"] + [f"{r['group']},{r['producer']},{r['channels']},{r['ratio']},{r['drop']:.6f}" for r in rows]
         write_text_atomic(csv_path, "\n".join(lines) + "\n")

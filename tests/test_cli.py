@@ -160,3 +160,21 @@ def test_main_job_calibrates_by_default_and_reports_each_stage(tmp_path):
     assert d["metrics"]["calibrated"]["top1"] == pytest.approx(_independent_top1(tmp_path / "c.onnx", 600))
     r = cli(DEMO, "--target-flops", "0.3", "--strategy", "uniform", "--data", VAL, "--limit", 300, "--calibrate", 0, "-o", tmp_path / "n.onnx", "--json")
     assert "calibrated" not in json.loads(r.stdout)["metrics"]
+
+
+def test_sensitivity_caches_per_criterion_and_calibration(tmp_path):
+    common = ("--data", VAL, "--limit", 100, "--grid", "0.5", "--cache-dir", tmp_path / "c", "--quiet")
+    r = cli("sensitivity", DEMO, *common)  # calibrated on the first samples of --data by default
+    assert r.returncode == 0, r.stderr
+    assert "after calibration on 100 samples" in r.stdout
+    r = cli("sensitivity", DEMO, *common, "--calibrate", 0, "--criterion", "bn")
+    assert r.returncode == 0, r.stderr
+    assert "without calibration" in r.stdout
+    # the demo export folds BN into the convs: say that 'bn' fell back to 'l1'
+    assert "criterion 'bn' found no BatchNormalization nodes" in r.stderr
+    names = sorted(p.name for p in (tmp_path / "c").iterdir())
+    stem = Path(DEMO).stem
+    assert names == [f"{stem}.bn.sensitivity.json", f"{stem}.l1-cal100-both.sensitivity.json"]
+    # a repeated run is served from its own cache file
+    r = cli("sensitivity", DEMO, *common)
+    assert "groups from cache" in r.stdout and "(0 groups from cache)" not in r.stdout

@@ -663,7 +663,7 @@ def _interrupt(folder: Path, workdir: Path, sig: int, cache: str) -> subprocess.
     """Start a sensitivity run, wait until it has cached a first group, then send ``sig``."""
     cmd = _sens_cmd(folder, cache)
     proc = subprocess.Popen(cmd, cwd=workdir, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    cache_file = workdir / cache / "big.sensitivity.json"
+    cache_file = workdir / cache / "big.l1.sensitivity.json"
     deadline = time.monotonic() + 90
     while not cache_file.exists():
         assert proc.poll() is None, f"finished before it could be interrupted: {proc.communicate()}"
@@ -682,8 +682,8 @@ def test_signal_interrupts_cleanly_and_cache_resumes(sens_case, tmp_path, sig):
     assert r.returncode == 130, (r.returncode, r.stderr)
     assert r.stderr.strip() == "interrupted: no output was written (partial files were removed)"
     assert r.stdout == ""
-    assert listing(tmp_path) == {"cache", "cache/big.sensitivity.json"}  # no model, report, plan, temp file
-    cached = json.loads((tmp_path / "cache" / "big.sensitivity.json").read_text())
+    assert listing(tmp_path) == {"cache", "cache/big.l1.sensitivity.json"}  # no model, report, plan, temp file
+    cached = json.loads((tmp_path / "cache" / "big.l1.sensitivity.json").read_text())
     assert len(cached["drops"]) >= 1
     assert all(sha(p) == h for p, h in before.items())
     if sig != signal.SIGTERM:
@@ -693,6 +693,6 @@ def test_signal_interrupts_cleanly_and_cache_resumes(sens_case, tmp_path, sig):
     assert r2.returncode == 0, r2.stderr
     report = json.loads(r2.stdout)
     assert report["detail"]["sensitivity_cached_groups"] >= len(cached["drops"]) >= 1
-    assert listing(tmp_path) == {"cache", "cache/big.sensitivity.json", "out.onnx", "report.json", "plan.json"}
+    assert listing(tmp_path) == {"cache", "cache/big.l1.sensitivity.json", "out.onnx", "report.json", "plan.json"}
     onnx.checker.check_model(str(tmp_path / "out.onnx"))
     assert all(sha(p) == h for p, h in before.items())
