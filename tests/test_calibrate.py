@@ -153,9 +153,9 @@ def test_full_mask_changes_nothing():
     cal = Calibrator(cg, x)
     m = onnx.ModelProto()
     m.CopyFrom(pruned)
-    from onnxprune.calibrate import _Params
+    from onnxprune.fold import Params
 
-    params, nodes = _Params(m), {n.name: n for n in m.graph.node}
+    params, nodes = Params(m), {n.name: n for n in m.graph.node}
     kept = cg.atom_kept(cg.full_mask())
     targets = cal._targets(list(cal.compute), True)
     assert {t.kind for t in targets} == {"affine", "bn"}
