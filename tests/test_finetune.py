@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -376,3 +377,35 @@ print('BAD' if bad else 'CLEAN', bad)
     proc = _python(code)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("CLEAN"), proc.stdout
+
+
+def test_torchrun_two_processes_train_one_model(tiny, tmp_path):
+    """The documented multi-GPU recipe, run with two CPU processes (gloo): both ranks end
+    with the same weights (gradients are averaged), and rank 0 writes the model."""
+    onnx.save(tiny, str(tmp_path / "tiny.onnx"))
+    x, y = toy_data(n=96)
+    np.savez(tmp_path / "train.npz", x=x, y=y)
+    (tmp_path / "train_ddp.py").write_text(
+        "import hashlib, os, numpy as np, onnx\n"
+        "from onnx import numpy_helper\n"
+        "from onnxprune.finetune import FinetuneOptions, finetune_ddp_entry\n"
+        "d = np.load('train.npz')\n"
+        "r = finetune_ddp_entry(onnx.load('tiny.onnx'), d['x'], d['y'], out='tuned.onnx',\n"
+        "                       options=FinetuneOptions(epochs=2, lr=0.05, batch_size=16, device='cpu'))\n"
+        "h = hashlib.sha256(b''.join(numpy_helper.to_array(t).tobytes() for t in r.model.graph.initializer)).hexdigest()\n"
+        "open(f\"rank{os.environ['RANK']}.txt\", 'w').write(h)\n"
+    )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "train_ddp.py"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    h0, h1 = (tmp_path / "rank0.txt").read_text(), (tmp_path / "rank1.txt").read_text()
+    assert h0 == h1, "DDP ranks diverged"
+    tuned = load_model(tmp_path / "tuned.onnx")
+    onnx.checker.check_model(tuned, full_check=True)
+    assert [n.SerializeToString() for n in tuned.graph.node] == [n.SerializeToString() for n in tiny.graph.node]
+    changed = [k for k, v in inits(tuned).items() if not np.array_equal(v, inits(tiny)[k])]
+    assert changed, "training changed no weight"
