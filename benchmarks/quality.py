@@ -366,6 +366,7 @@ FT_SETS = {  # "all": every row except "sensitivity @ TP's MACs" (before FT only
     "all-equal": None,
     "required": {"onnxprune uniform, L1", "onnxprune sensitivity, L1", "onnxprune cost-aware, L1", "Torch-Pruning uniform, L1",
                  "onnxprune uniform, L1, no calibration"},
+    "best": {"onnxprune uniform, L1", "onnxprune cost-aware, L1", "Torch-Pruning uniform, L1"},  # for larger budgets
 }
 
 
