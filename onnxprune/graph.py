@@ -3,11 +3,15 @@
 * :func:`load_model` reads a path (external data too), refusing external data
   that points outside the model's folder, and reports every failure as a
   :class:`~onnxprune.errors.BadModelError` naming the file and the fix.
+  Large files are parsed and checked one tensor at a time; the weights of
+  models with over 2 GB of external data stay on disk (lazy tensors, see
+  :mod:`onnxprune.tensors`).
 * :func:`infer_shapes` returns a shape for every tensor it can, using ONNX
   shape inference first and an ONNX Runtime dry run (batch 1) for what is
-  still unknown.
+  still unknown; both run on weightless copies.
 * :func:`save_model` writes atomically: a temporary file in the target folder,
-  then ``os.replace``; a failure leaves nothing behind.
+  then ``os.replace``; a failure leaves nothing behind. It writes one tensor
+  at a time (no serialized copy of the whole model).
 * :class:`GraphIndex` maps tensors to their producer, consumers and constant
   values (initializers or ``Constant`` nodes).
 """
@@ -28,6 +32,20 @@ import onnx
 from onnx import numpy_helper
 
 from .errors import BadModelError, OutputError, ShapeError, UsageError
+from .tensors import (
+    InlinePlan,
+    check_in_parts,
+    externalize,
+    has_lazy,
+    is_lazy,
+    make_lazy,
+    materialize,
+    parse_model_file,
+    plain_dtype,
+    release_freed_memory,
+    tensor_value,
+    write_inline,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +54,17 @@ PROTOBUF_LIMIT = 2**31 - 2**20
 Shape = tuple  # tuple of int | None; None is an unknown or symbolic dim
 #: Largest input (bytes, batch 1) the ONNX Runtime dry run in :func:`infer_shapes` will feed.
 DRY_RUN_INPUT_LIMIT = 2**30
+#: load_model(lazy=None) keeps weights on disk when a model's external data reaches this size.
+LAZY_THRESHOLD = PROTOBUF_LIMIT
+#: Smallest external tensor kept on disk by a lazy load (smaller ones are read at once).
+LAZY_MIN_BYTES = 2**20
+#: Model files from this size on are parsed and checked one tensor at a time (see load_model).
+LEAN_LOAD_BYTES = 64 * 2**20
 
 
 def proto_size(model: onnx.ModelProto) -> int:
-    """``model.ByteSize()``, or ``2**31`` when protobuf refuses to measure it (upb raises past 2 GiB)."""
-    try:
-        return model.ByteSize()
-    except Exception:  # google.protobuf.message.EncodeError: the message is over the 2 GiB limit
-        return 2**31
+    """Serialized size of ``model`` (measured one tensor at a time), or ``2**31`` when protobuf refuses to measure it."""
+    return InlinePlan(model).size
 
 
 # --------------------------------------------------------------------------- load
@@ -100,19 +121,42 @@ def check_model_path(path: str | os.PathLike) -> Path:
     return p
 
 
-def load_model(path: str | os.PathLike, *, load_weights: bool = True) -> onnx.ModelProto:
+def load_model(path: str | os.PathLike, *, load_weights: bool = True, lazy: bool | None = None) -> onnx.ModelProto:
     """Read an ONNX model from ``path``; raise :class:`BadModelError` on any problem.
+
+    External data is read into the model, except with ``lazy`` (default:
+    when the external data reaches :data:`LAZY_THRESHOLD`, i.e. the model could
+    not be one protobuf message anyway): then initializers of at least
+    :data:`LAZY_MIN_BYTES` stay on disk as *lazy* tensors, read on demand (see
+    :mod:`onnxprune.tensors`; :func:`~onnxprune.tensors.materialize` reads
+    them in). ``load_weights=False`` leaves external tensors unread.
+
+    Files of :data:`LEAN_LOAD_BYTES` or more are parsed one field (one
+    initializer) at a time and checked tensor by tensor
+    (:func:`~onnxprune.tensors.parse_model_file`,
+    :func:`~onnxprune.tensors.check_in_parts`): ``onnx.load`` and the path
+    checker each hold the file's bytes and the parsed model at once (2x).
 
     Example: ``model = load_model("resnet.onnx")``.
     """
     p = check_model_path(path)
+    lean = p.stat().st_size >= LEAN_LOAD_BYTES and _binary_format(p)
+    checker_error = None
+    if not lean:
+        # The checker parses the file itself (a transient copy of it): run it
+        # before loading, so that copy and ours never coexist; its verdict is
+        # reported in the usual order, after the checks below.
+        checker_error = _checker_verdict(lambda: onnx.checker.check_model(str(p)))
     try:
-        model = onnx.load(str(p), load_external_data=False)
+        model = parse_model_file(p) if lean else onnx.load(str(p), load_external_data=False)
     except Exception as exc:  # protobuf raises DecodeError and friends
         raise BadModelError(
             f"'{p}' is not a valid ONNX model ({type(exc).__name__}: {str(exc)[:120]})",
             fix="pass an ONNX file exported by torch.onnx, tf2onnx or similar; the file may be truncated",
         ) from exc
+    if lean:  # large file: check the parsed model tensor by tensor (unless external data needs the path)
+        parts = _all_inline(model) and model.ir_version > 3  # else the path checker (it resolves external data; IR<=3 rules)
+        checker_error = _checker_verdict(lambda: check_in_parts(model) if parts else onnx.checker.check_model(str(p)))
     if not model.graph.node and not model.graph.input:
         raise BadModelError(
             f"'{p}' does not contain an ONNX graph (empty or not an ONNX file)",
@@ -120,19 +164,78 @@ def load_model(path: str | os.PathLike, *, load_weights: bool = True) -> onnx.Mo
         )
     _check_external_locations(model, p.parent)
     if load_weights:
+        if lazy is None:
+            lazy = _external_bytes(model, p.parent) >= LAZY_THRESHOLD
         try:
-            onnx.external_data_helper.load_external_data_for_model(model, str(p.parent))
+            if lazy:
+                _load_lazily(model, p)
+            else:
+                onnx.external_data_helper.load_external_data_for_model(model, str(p.parent))
+        except BadModelError:
+            raise
         except Exception as exc:
             raise BadModelError(f"cannot read external data of '{p}': {exc}", fix="restore the data files") from exc
-    try:
-        onnx.checker.check_model(str(p))  # from the file: no serialized copy of the loaded model
-    except Exception as exc:
+    if checker_error is not None:
         raise BadModelError(
-            f"'{p}' fails the ONNX checker: {str(exc).splitlines()[0][:200]}",
+            f"'{p}' fails the ONNX checker: {str(checker_error).splitlines()[0][:200]}",
             fix="re-export the model; onnxprune only reads valid ONNX",
-        ) from exc
+        ) from checker_error
     _check_tensor_sizes(model, p)
+    release_freed_memory()  # the transient copies above must not stay in the heap for the whole run
     return model
+
+
+def _checker_verdict(check) -> Exception | None:
+    try:
+        check()
+    except Exception as exc:  # noqa: BLE001 - reported by the caller, in order
+        return exc
+    return None
+
+
+def _binary_format(p: Path) -> bool:
+    """Whether onnx reads ``p`` as binary protobuf (not a text format, by its extension)."""
+    try:
+        fmt = onnx.serialization.registry.get_format_from_file_extension(p.suffix)
+    except Exception:  # an onnx without the registry: only binary files
+        return True
+    return fmt in (None, "protobuf")
+
+
+def _external_info(t: onnx.TensorProto, base: Path) -> tuple[Path, int, int]:
+    """(file, offset, length) of an external tensor; the length defaults to the rest of the file."""
+    info = {e.key: e.value for e in t.external_data}
+    target = base / info.get("location", "")
+    offset = int(info.get("offset", "0") or 0)
+    length = int(info.get("length", "-1") or -1)
+    if length < 0:
+        length = target.stat().st_size - offset
+    return target, offset, length
+
+
+def _external_bytes(model: onnx.ModelProto, base: Path) -> int:
+    return sum(_external_info(t, base)[2] for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL)
+
+
+def _load_lazily(model: onnx.ModelProto, p: Path) -> None:
+    """Large external initializers become lazy tensors (checked, not read); the rest is read now."""
+    base = p.parent
+    for t in model.graph.initializer:
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        target, offset, length = _external_info(t, base)
+        n = int(np.prod([int(d) for d in t.dims], dtype=np.int64))
+        need = _raw_size(t.data_type, n)
+        if need is not None and (need != length or any(d < 0 for d in t.dims)):
+            raise BadModelError(
+                f"tensor '{t.name}' of shape {list(t.dims)} holds {length} bytes of data, not {need} (corrupt or truncated file)",
+                fix="re-export the model or restore the original file",
+            )
+        if length >= LAZY_MIN_BYTES and plain_dtype(t.data_type) is not None:
+            make_lazy(t, target, offset, length)
+    for t in _all_tensors(model):  # small initializers and Constant attributes
+        if t.data_location == onnx.TensorProto.EXTERNAL and not is_lazy(t):
+            onnx.external_data_helper.load_external_data_for_tensor(t, str(base))
 
 
 _TYPED_FIELDS = {  # data_type -> field holding one value per element when raw_data is empty
@@ -212,14 +315,23 @@ def with_input_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, Sequenc
     """Return a copy whose graph inputs have the given fixed shapes."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
-    names = {i.name: i for i in graph_inputs(m)}
+    _set_input_shapes(m, model, input_shapes)
+    return m
+
+
+def _set_input_shapes(target: onnx.ModelProto, model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]]) -> None:
+    """Fix the shapes of ``model``'s data inputs, as found (by name) among ``target``'s graph inputs."""
+    names = {i.name for i in graph_inputs(model)}
+    vis = {}
+    for vi in target.graph.input:
+        vis.setdefault(vi.name, vi)
     for name, shape in input_shapes.items():
         if name not in names:
             raise UsageError(
                 f"--input-shape names '{name}', which is not a model input",
                 fix=f"use one of: {', '.join(names) or '(none)'}",
             )
-        vi = names[name]
+        vi = vis[name]
         old = _dims(vi)
         if old is not None and len(old) != len(shape):
             raise UsageError(
@@ -230,7 +342,6 @@ def with_input_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, Sequenc
         del dims[:]
         for d in shape:
             dims.add().dim_value = int(d)
-    return m
 
 
 def _dim_hint(d: int | None, i: int, rank: int) -> str:
@@ -240,18 +351,32 @@ def _dim_hint(d: int | None, i: int, rank: int) -> str:
     return {2: "H", 3: "W"}.get(i, f"D{i}") if rank == 4 else f"D{i}"
 
 
-def _ort_shapes(model: onnx.ModelProto, wanted: Sequence[str]) -> dict[str, Shape]:
-    """Run the model once on zeros (batch 1) and read the shapes of ``wanted``."""
+def _ort_shapes(
+    model: onnx.ModelProto, wanted: Sequence[str], input_shapes: Mapping[str, Sequence[int]] | None = None
+) -> dict[str, Shape]:
+    """Run the model once on zeros (batch 1) and read the shapes of ``wanted``.
+
+    Float weights (and lazy ones) are fed as zero-filled inputs rather than
+    copied into the session: shapes do not depend on their values, and the
+    zeros are not even resident until ONNX Runtime reads them.
+    """
     import onnxruntime as ort
 
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
+    m = _weightless_copy(model, keep_unfed=True)
+    if input_shapes:
+        _set_input_shapes(m, model, input_shapes)
+    kept = {t.name for t in m.graph.initializer}
+    weights = {t.name: t for t in model.graph.initializer if t.name not in kept}
     have = {o.name for o in m.graph.output}
     for name in wanted:
         if name not in have:
             m.graph.output.add().name = name
     feeds = {}
     for vi in graph_inputs(m):
+        t = weights.get(vi.name)
+        if t is not None:
+            feeds[vi.name] = np.zeros(tuple(t.dims), dtype=onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
+            continue
         dims = _dims(vi)
         if dims is None:
             raise ShapeError(f"input '{vi.name}' has no shape", fix=f"pass --input-shape {vi.name}:1x3x224x224")
@@ -282,12 +407,15 @@ def _ort_shapes(model: onnx.ModelProto, wanted: Sequence[str]) -> dict[str, Shap
     return {n: tuple(int(d) for d in o.shape) for n, o in zip(wanted, outs)}
 
 
-def _weightless_copy(model: onnx.ModelProto, *, keep_elements: int = 64) -> onnx.ModelProto:
+def _weightless_copy(model: onnx.ModelProto, *, keep_elements: int = 64, keep_unfed: bool = False) -> onnx.ModelProto:
     """A copy for shape inference: large initializers become typed graph inputs.
 
     Shape inference needs only their shapes; small ones (shape vectors,
-    axes, split sizes) keep their values for data propagation. This avoids
-    copying hundreds of MB of weights for inference.
+    axes, split sizes) keep their values for data propagation, and with
+    ``keep_unfed`` so does every tensor a dry run would not feed as zeros
+    (integers of any size: indices; exotic float types).
+    External (lazy) tensors always become inputs. This avoids copying
+    hundreds of MB of weights for inference.
     """
     m = onnx.ModelProto()
     g = model.graph
@@ -303,13 +431,18 @@ def _weightless_copy(model: onnx.ModelProto, *, keep_elements: int = 64) -> onnx
         n = 1
         for d in t.dims:
             n *= d
-        if n <= keep_elements and t.data_location != onnx.TensorProto.EXTERNAL:
+        small = n <= keep_elements or (keep_unfed and t.data_type not in _ZERO_FED)
+        if small and t.data_location != onnx.TensorProto.EXTERNAL:
             graph.initializer.append(t)
         elif t.name not in declared:
             graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
     if model.functions:
         m.functions.extend(model.functions)
     return m
+
+
+#: Weight types the ONNX Runtime dry run feeds as zero-filled inputs (shapes do not depend on their values).
+_ZERO_FED = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16}
 
 
 def infer_shapes(
@@ -319,10 +452,12 @@ def infer_shapes(
 
     Tensors listed in ``need`` must end up with known dims after the first
     axis; those still unknown are measured with an ONNX Runtime dry run.
+    Works on weightless copies: the model's weights are never copied.
     """
-    if input_shapes:
-        model = with_input_shapes(model, input_shapes)
     m = _weightless_copy(model)
+    if input_shapes:
+        _set_input_shapes(m, model, input_shapes)
+    data_inputs = [vi for vi in m.graph.input if vi.name in {i.name for i in graph_inputs(model)}]
     try:
         inferred = onnx.shape_inference.infer_shapes(m, data_prop=True)
     except Exception as exc:
@@ -338,8 +473,8 @@ def infer_shapes(
     missing = [n for n in need if n not in shapes or any(x is None for x in shapes[n][1:])]
     if missing:
         log.debug("running ONNX Runtime to measure %d shapes", len(missing))
-        measured = _ort_shapes(model, missing)
-        symbolic_batch = any((_dims(vi) or (1,))[0] is None for vi in graph_inputs(model))
+        measured = _ort_shapes(model, missing, input_shapes)
+        symbolic_batch = any((_dims(vi) or (1,))[0] is None for vi in data_inputs)
         for n, s in measured.items():
             old = shapes.get(n)
             # keep a symbolic batch dim symbolic: the dry run used batch 1
@@ -380,7 +515,7 @@ class GraphIndex:
             return None
         t = self.initializers.get(name)
         if t is not None:
-            return numpy_helper.to_array(t)
+            return tensor_value(t)  # a read-only view when the tensor is lazy; nothing is cached
         node = self.constant_nodes.get(name)
         if node is None:
             return None
@@ -504,20 +639,32 @@ def write_text_atomic(target: str | os.PathLike, text: str) -> None:
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool | None = None) -> Path:
-    """Save ``model`` atomically. Large models (>2 GB) go to ``<name>.data`` beside it."""
+    """Save ``model`` atomically. Large models (>2 GB) go to ``<name>.data`` beside it.
+
+    Written one tensor at a time: no serialized (or converted) copy of the
+    whole model is made. Lazy tensors are copied from their files block by
+    block. ``external_data=None`` chooses external data for models with
+    lazy tensors and for those over the protobuf limit.
+    """
     path = Path(path)
+    plan = None
     if external_data is None:
-        external_data = proto_size(model) >= PROTOBUF_LIMIT if _all_inline(model) else True
+        if has_lazy(model) or not _all_inline(model):
+            external_data = True
+        else:
+            plan = InlinePlan(model)
+            external_data = plan.size >= PROTOBUF_LIMIT
     if not external_data:
-        try:
-            data = model.SerializeToString()
-        except Exception as exc:  # protobuf refuses >2GB (ValueError or EncodeError)
-            raise OutputError(f"model too large to serialize: {exc}", fix="save with external data") from exc
-        write_bytes_atomic(path, data)
+        if has_lazy(model):  # asked for one file: the weights must come into memory
+            model = materialize(model)
+        plan = plan or InlinePlan(model)
+        if plan.size >= 2**31:
+            raise OutputError(f"model too large to serialize ({plan.size:,} bytes)", fix="save with external data")
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                write_inline(model, f, plan)
         return path
     data_name = path.name + ".data"
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
     # Both files are written completely under temporary names; then the data is
     # renamed into place, then the model that points at it (back to back). A
     # failure or Ctrl-C before that leaves neither; a failure between the two
@@ -526,16 +673,10 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
     had_data = data_target.exists()
     try:
         with atomic_path(path) as tmp_model, atomic_path(data_target) as tmp_data:
-            tmp_data.unlink()
-            onnx.external_data_helper.convert_model_to_external_data(
-                m, all_tensors_to_one_file=True, location=tmp_data.name, size_threshold=1024
-            )
-            onnx.external_data_helper.write_external_data_tensors(m, str(path.parent))
-            for t in _all_tensors(m):
-                for e in t.external_data:
-                    if e.key == "location":
-                        e.value = data_name
-            tmp_model.write_bytes(m.SerializeToString())
+            with open(tmp_data, "wb") as f:
+                m = externalize(model, f, data_name)
+            with open(tmp_model, "wb") as f:
+                write_inline(m, f)
     except BaseException:
         if not had_data:
             with contextlib.suppress(FileNotFoundError):

@@ -40,6 +40,7 @@ from .errors import UnsupportedModelError
 from .flops import is_compute, shapes_needed
 from .graph import GraphIndex, infer_shapes, node_label, opset_version
 from .rules import ChannelMap
+from .tensors import release_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,11 @@ class ChannelGroup:
 
 @dataclass(frozen=True, eq=False)
 class ChannelGraph:
-    """Result of :func:`find_groups`: everything pruning needs, read-only."""
+    """Result of :func:`find_groups`: everything pruning needs, read-only.
+
+    ``model`` is the analyzed model: the caller's own when its nodes were all
+    named (see :func:`find_groups`); nothing here or downstream mutates it.
+    """
 
     model: onnx.ModelProto
     groups: tuple[ChannelGroup, ...]
@@ -447,14 +452,21 @@ def find_groups(
 ) -> ChannelGraph:
     """Analyze ``model`` and return its channel groups (see module docstring).
 
+    ``model`` is not changed. ``cg.model`` is ``model`` itself when all its
+    nodes have names (no copy: weights can be gigabytes), else a copy with
+    names added (``op_type_k``); treat both as read-only while ``cg`` is used.
+
     ``exclude`` holds node names or glob patterns (``"*head*"``) whose channels
     must stay; their groups are blocked with a reason.
     """
     from .graph import ensure_node_names
 
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    ensure_node_names(m)
+    if all(n.name for n in model.graph.node):
+        m = model  # nothing to add: analyze the model itself, no copy of its weights
+    else:
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+        ensure_node_names(m)
     if shapes is None:
         shapes = _analysis_shapes(m, input_shapes)
     ctx = _Context(m, shapes, exclude)
@@ -487,7 +499,9 @@ def find_groups(
         if mp is not None:
             ctx.block(mp.atoms, f"channels reach graph output '{out.name}'")
     _finish_shared_constants(ctx)
-    return _build(ctx, m, shapes)
+    cg = _build(ctx, m, shapes)
+    release_freed_memory()  # the weights' transient copies read by the rules
+    return cg
 
 
 def _build(ctx: _Context, model, shapes) -> ChannelGraph:

@@ -26,6 +26,7 @@ import onnx
 from .errors import UsageError
 from .graph import GraphIndex, attr
 from .groups import ChannelGraph
+from .tensors import release_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -47,23 +48,31 @@ def _weight_rows(w: np.ndarray, axis: int) -> np.ndarray:
     return np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
 
 
-def _row_norms(rows: np.ndarray, p: int, chunk: int = 1 << 22) -> np.ndarray:
-    """L1/L2 norm of each row, in float64, a few MB at a time (no full float64 copy of big weights)."""
-    out = np.zeros(len(rows))
-    step = max(1, chunk // max(1, rows.shape[1]))
-    for i in range(0, len(rows), step):
-        r = rows[i : i + step].astype(np.float64)
-        out[i : i + step] = np.abs(r).sum(axis=1) if p == 1 else (r * r).sum(axis=1)
+def _row_norms(w: np.ndarray, axis: int, p: int, chunk: int = 1 << 20) -> np.ndarray:
+    """L1/L2 norm of each position along ``axis``, in float64, a few MB at a time.
+
+    No full copy of the weight is made (not even a transposed one when
+    ``axis`` is not leading), so a memory-mapped weight is read block by
+    block. Row ``j`` is ``moveaxis(w, axis, 0)[j]`` flattened, as in
+    :func:`_weight_rows`.
+    """
+    moved = np.moveaxis(w, axis, 0)  # a view
+    n = moved.shape[0]
+    out = np.zeros(n)
+    step = max(1, chunk // max(1, w.size // max(1, n)))
+    for i in range(0, n, step):
+        r = np.asarray(moved[i : i + step], dtype=np.float64).reshape(min(step, n - i), -1)
+        out[i : i + step] = np.abs(r, out=r).sum(axis=1) if p == 1 else np.square(r, out=r).sum(axis=1)
     return out if p == 1 else np.sqrt(out)
 
 
-def _position_scores(rows: np.ndarray, criterion: str) -> np.ndarray:
+def _position_scores(w: np.ndarray, axis: int, criterion: str) -> np.ndarray:
     if criterion == "l1":
-        return _row_norms(rows, 1)
+        return _row_norms(w, axis, 1)
     if criterion == "l2":
-        return _row_norms(rows, 2)
+        return _row_norms(w, axis, 2)
     if criterion == "fpgm":
-        rows = rows.astype(np.float64)
+        rows = _weight_rows(w, axis).astype(np.float64)
         sq = (rows**2).sum(axis=1)
         d2 = np.maximum(sq[:, None] + sq[None, :] - 2.0 * rows @ rows.T, 0.0)
         return np.sqrt(d2).sum(axis=1)
@@ -96,10 +105,12 @@ def _weight_scores(cg: ChannelGraph, criterion: str) -> tuple[np.ndarray, np.nda
         w = index.const(node.input[1])
         if w is None:
             continue
-        rows = _weight_rows(w, _out_axis(node))
-        if len(rows) != len(c.out_atoms):
+        axis = _out_axis(node)
+        if w.ndim <= axis or w.shape[axis] != len(c.out_atoms):
             continue
-        _accumulate(cg, acc, seen, c.out_atoms, _position_scores(rows, criterion))
+        _accumulate(cg, acc, seen, c.out_atoms, _position_scores(w, axis, criterion))
+        del w  # a lazy weight is unmapped before the next one is read
+    release_freed_memory()
     return acc, seen
 
 

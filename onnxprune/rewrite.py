@@ -7,7 +7,11 @@ Gemm/MatMul rows (consumers) and columns (producers); it sets depthwise
 ``group`` to the kept channel count, rewrites Split sizes, Slice bounds, Pad
 widths and literal channel counts in Reshape/Resize shape vectors. Stale
 intermediate shapes are cleared and re-inferred; graph inputs/outputs, names,
-opset and metadata are unchanged. The input model is never mutated.
+opset and metadata are unchanged. The input model is never mutated, and the
+output shares nothing with it (protobuf messages cannot share parts): it is
+built from a skeleton of the input, each sliced weight cut block by block from
+its source, each other initializer copied once; lazy tensors (see
+:mod:`onnxprune.tensors`) that no edit touches stay references to their file.
 """
 
 from __future__ import annotations
@@ -23,54 +27,106 @@ from .edits import PadChannels, SetGroup, ShapeEntry, SliceBounds, SliceTensor, 
 from .errors import PlanError, VerificationError
 from .graph import _weightless_copy, opset_version
 from .groups import ChannelGraph
+from .tensors import fill_from_array, skeleton, tensor_nbytes, tensor_value, write_sliced
 
 log = logging.getLogger(__name__)
 
 
 class _Consts:
-    """Read/write constants by name: initializers or Constant nodes."""
+    """Constants of the output model ``m`` (a skeleton of ``src``): read, edit, write.
 
-    def __init__(self, model: onnx.ModelProto):
-        self.model = model
-        self.inits = {t.name: t for t in model.graph.initializer}
-        self.const_nodes = {n.output[0]: n for n in model.graph.node if n.op_type == "Constant"}
-        self.inputs = {i.name: i for i in model.graph.input}
+    Initializer edits are recorded, not applied: a chain of ``np.take`` per
+    axis (:meth:`set_slice`, :meth:`private_slice`) or a new small value
+    (:meth:`set`, :meth:`private`). :meth:`write` then adds every initializer
+    ``m`` still uses, one at a time: unchanged ones copied from ``src`` (lazy
+    ones stay references to their file), edited ones built from their source.
+    ``Constant`` nodes are edited in ``m``'s own node copies.
+    """
+
+    def __init__(self, src: onnx.ModelProto, m: onnx.ModelProto):
+        self.m = m
+        self.tensors = list(src.graph.initializer)
+        self.inits = {t.name: k for k, t in enumerate(self.tensors)}  # the last of duplicate names wins
+        self.const_nodes = {n.output[0]: n for n in m.graph.node if n.op_type == "Constant"}
+        self.inputs = {i.name: i for i in m.graph.input}
         self.consumers = defaultdict(list)
-        for n in model.graph.node:
+        for n in m.graph.node:
             for i in n.input:
                 self.consumers[i].append(n)
-        self.names = {t.name for t in model.graph.initializer} | {o for n in model.graph.node for o in n.output}
+        self.names = set(self.inits) | {o for n in m.graph.node for o in n.output}
+        self.pending: dict[str, tuple] = {}  # name -> ("takes", {axis: idx}) | ("value", array)
+        self.privates: list[tuple[str, int, tuple]] = []  # (name, source index or -1, pending)
+
+    def tensor(self, name: str) -> onnx.TensorProto:
+        return self.tensors[self.inits[name]]
 
     def get(self, name: str) -> np.ndarray:
+        if name in self.pending:
+            return self._realize(self.tensor(name), self.pending[name])
         if name in self.inits:
-            return numpy_helper.to_array(self.inits[name])
+            return tensor_value(self.tensor(name))
         node = self.const_nodes[name]
         for a in node.attribute:
             if a.name == "value":
                 return numpy_helper.to_array(a.t)
         from .graph import GraphIndex
 
-        return GraphIndex(self.model).const(name)
+        return GraphIndex(self.m).const(name)
+
+    @staticmethod
+    def _realize(t: onnx.TensorProto, pending: tuple) -> np.ndarray:
+        kind, what = pending
+        if kind == "value":
+            return what
+        arr = tensor_value(t)
+        for axis, idx in what.items():
+            arr = np.take(arr, idx, axis=axis)
+        return arr
+
+    def _set_input_dims(self, name: str, shape) -> None:
+        if name in self.inputs:  # old IR: initializer also listed as input
+            dims = self.inputs[name].type.tensor_type.shape.dim
+            del dims[:]
+            for d in shape:
+                dims.add().dim_value = int(d)
 
     def set(self, name: str, value: np.ndarray) -> None:
         if name in self.inits:
-            t = self.inits[name]
-            new = numpy_helper.from_array(np.ascontiguousarray(value).astype(numpy_helper.to_array(t).dtype, copy=False), name)
-            t.CopyFrom(new)
-            if name in self.inputs:  # old IR: initializer also listed as input
-                vi = self.inputs[name]
-                dims = vi.type.tensor_type.shape.dim
-                del dims[:]
-                for d in value.shape:
-                    dims.add().dim_value = int(d)
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(self.tensor(name).data_type)
+            self.pending[name] = ("value", np.ascontiguousarray(value).astype(dtype, copy=False))
+            self._set_input_dims(name, np.shape(value))
             return
         node = self.const_nodes[name]
         dtype = self.get(name).dtype
         del node.attribute[:]
         node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(np.asarray(value, dtype=dtype), name)))
 
+    def _takes(self, name: str, takes: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+        rank = len(self.tensor(name).dims)
+        return {int(a) % rank if rank else int(a): idx for a, idx in takes.items()}
+
+    def set_slice(self, name: str, takes: dict[int, np.ndarray]) -> None:
+        """Replace constant ``name`` by its slice (for every user)."""
+        if name not in self.inits or name in self.pending:
+            self.set(name, _take_chain(self.get(name), takes))
+            return
+        takes = self._takes(name, takes)
+        self.pending[name] = ("takes", takes)
+        dims = list(self.tensor(name).dims)
+        self._set_input_dims(name, [len(takes[a]) if a in takes else d for a, d in enumerate(dims)])
+
+    def private_slice(self, node: onnx.NodeProto, slot: int, name: str, takes: dict[int, np.ndarray]) -> None:
+        """Give ``node`` its own slice of constant ``name`` at input ``slot``."""
+        if name not in self.inits or name in self.pending:
+            self.private(node, slot, _take_chain(self.get(name), takes))
+            return
+        self._private(node, slot, self.inits[name], ("takes", self._takes(name, takes)))
+
     def private(self, node: onnx.NodeProto, slot: int, value: np.ndarray) -> None:
         """Give ``node`` its own constant at input ``slot`` holding ``value``."""
+        self._private(node, slot, -1, ("value", np.asarray(value)))
+
+    def _private(self, node: onnx.NodeProto, slot: int, source: int, pending: tuple) -> None:
         base = f"{node.name}__{slot}"
         name = base
         k = 0
@@ -78,12 +134,47 @@ class _Consts:
             k += 1
             name = f"{base}_{k}"
         self.names.add(name)
-        t = numpy_helper.from_array(np.asarray(value), name)
-        self.model.graph.initializer.append(t)
-        self.inits[name] = self.model.graph.initializer[-1]
+        self.privates.append((name, source, pending))
         while len(node.input) <= slot:
             node.input.append("")
         node.input[slot] = name
+
+    def write(self) -> None:
+        """Add the initializers ``m`` uses: originals in order (edited or copied), then private copies."""
+        m = self.m
+        used = {i for n in m.graph.node for i in n.input} | {o.name for o in m.graph.output}
+        used |= {i for n in m.graph.node for a in n.attribute if a.type == onnx.AttributeProto.GRAPH for nn in a.g.node for i in nn.input}
+        used |= {i.name for i in m.graph.input}
+        jobs = []  # (dst, name, source tensor, pending or None), in output order
+        for k, t in enumerate(self.tensors):
+            if t.name in used:  # else replaced everywhere by private copies (or never read)
+                jobs.append((m.graph.initializer.add(), t.name, t, self.pending.get(t.name) if self.inits[t.name] == k else None))
+        for name, source, pending in self.privates:
+            if name in used:
+                jobs.append((m.graph.initializer.add(), name, self.tensors[source] if source >= 0 else None, pending))
+        # Fill the largest edits first: a slice's transient copies (its source's
+        # bytes, the sliced array, its bytes) then coexist with little of the
+        # output, instead of with almost all of it.
+        jobs.sort(key=lambda j: -tensor_nbytes(j[2]) if j[3] is not None and j[2] is not None else 0)
+        for dst, name, src, pending in jobs:
+            if pending is None:
+                dst.CopyFrom(src)
+            else:
+                self._write(dst, name, src, pending)
+
+    @staticmethod
+    def _write(dst: onnx.TensorProto, name: str, src: onnx.TensorProto | None, pending: tuple) -> None:
+        kind, what = pending
+        if kind == "takes":
+            write_sliced(dst, src, what, name=name)
+        else:
+            fill_from_array(dst, np.ascontiguousarray(what), name)
+
+
+def _take_chain(arr: np.ndarray, takes: dict[int, np.ndarray]) -> np.ndarray:
+    for axis, idx in takes.items():
+        arr = np.take(arr, idx, axis=axis)
+    return arr
 
 
 def _set_int_attr(node: onnx.NodeProto, name: str, value) -> None:
@@ -100,7 +191,12 @@ def _drop_attr(node: onnx.NodeProto, name: str) -> None:
 
 
 def apply_mask(cg: ChannelGraph, unit_kept: np.ndarray, *, reinfer: bool = True, verify: bool = True) -> onnx.ModelProto:
-    """Return a new model keeping only the units set in ``unit_kept``."""
+    """Return a new model keeping only the units set in ``unit_kept``.
+
+    The new model is built from a skeleton of ``cg.model`` (no full copy):
+    each sliced weight is cut from its source block by block, every other
+    initializer is copied once (a lazy one stays a reference to its file).
+    """
     unit_kept = np.asarray(unit_kept, dtype=bool)
     if unit_kept.shape != (cg.n_units,):
         raise VerificationError(f"mask has shape {unit_kept.shape}, expected ({cg.n_units},)")
@@ -112,13 +208,13 @@ def apply_mask(cg: ChannelGraph, unit_kept: np.ndarray, *, reinfer: bool = True,
             node=empty,
         )
     kept = cg.atom_kept(unit_kept)
-    m = onnx.ModelProto()
-    m.CopyFrom(cg.model)
-    consts = _Consts(m)
+    m = skeleton(cg.model)
+    del m.graph.value_info[:]  # stale channel counts; re-inferred below
+    consts = _Consts(cg.model, m)
     nodes = {n.name: n for n in m.graph.node}
     opset = opset_version(m)
 
-    # constants: slice in place when every user slices alike, else one private copy per node
+    # constants: slice for every user when all slice alike, else one private copy per node
     by_node: dict[str, dict[str, dict[tuple, SliceTensor]]] = defaultdict(lambda: defaultdict(dict))
     for e in cg.edits:
         if isinstance(e, SliceTensor):
@@ -126,23 +222,23 @@ def apply_mask(cg: ChannelGraph, unit_kept: np.ndarray, *, reinfer: bool = True,
     for tensor, per_node in by_node.items():
         users = {n.name for n in consts.consumers[tensor]}
         shared = len({frozenset(v) for v in per_node.values()}) > 1 or bool(users - set(per_node))
-        arr = consts.get(tensor)
         for node_name, edits in per_node.items():
-            new = arr
+            takes: dict[int, np.ndarray] = {}
             for e in edits.values():
                 mask = kept(e.atoms)
                 if not mask.all():
-                    new = np.take(new, np.nonzero(mask)[0], axis=e.axis)
-            if new is arr:
+                    idx = np.nonzero(mask)[0]
+                    takes[e.axis] = takes[e.axis][idx] if e.axis in takes else idx  # a second take indexes the first
+            if not takes:
                 continue
             if shared:
                 node = nodes[node_name]
                 for slot, name in enumerate(node.input):
                     if name == tensor:
-                        consts.private(node, slot, new.astype(arr.dtype, copy=False))
+                        consts.private_slice(node, slot, tensor, takes)
             else:
-                consts.set(tensor, new)
-                break  # all users slice alike: one in-place edit serves them all
+                consts.set_slice(tensor, takes)
+                break  # all users slice alike: one edit serves them all
 
     for e in cg.edits:
         if isinstance(e, SetGroup):
@@ -191,8 +287,7 @@ def apply_mask(cg: ChannelGraph, unit_kept: np.ndarray, *, reinfer: bool = True,
             else:
                 consts.set(e.tensor, v)
 
-    _drop_unused_initializers(m)
-    del m.graph.value_info[:]
+    consts.write()
     if reinfer:
         try:
             inferred = onnx.shape_inference.infer_shapes(_weightless_copy(m), data_prop=True)  # no weight copies
@@ -202,17 +297,6 @@ def apply_mask(cg: ChannelGraph, unit_kept: np.ndarray, *, reinfer: bool = True,
     if verify and reinfer:
         _verify_channels(cg, m, kept)
     return m
-
-
-def _drop_unused_initializers(m: onnx.ModelProto) -> None:
-    """Remove initializers no node reads any more (originals replaced by private copies)."""
-    used = {i for n in m.graph.node for i in n.input} | {o.name for o in m.graph.output}
-    used |= {i for n in m.graph.node for a in n.attribute if a.type == onnx.AttributeProto.GRAPH for sub in [a.g] for nn in sub.node for i in nn.input}
-    declared_inputs = {i.name for i in m.graph.input}
-    keep = [t for t in m.graph.initializer if t.name in used or t.name in declared_inputs]
-    if len(keep) != len(m.graph.initializer):
-        del m.graph.initializer[:]
-        m.graph.initializer.extend(keep)
 
 
 def _attr(node, name):
