@@ -60,7 +60,7 @@ class PruneOptions:
     seed: int = 0
     image_options: ImageOptions | None = None
     calibrate: int = 512  # samples used to calibrate activation statistics when data is given; 0 = off
-    calibrate_method: str = "both"  # bias | affine | both
+    calibrate_method: str = "reconstruct"  # reconstruct (least-squares re-fit of the consumers) | bias | affine | both
     calibrated_sensitivity: bool = False  # measure sensitivity after calibration (slower, closer to the final model)
 
     def __post_init__(self) -> None:
@@ -77,8 +77,8 @@ class PruneOptions:
             raise UsageError(f"--round-to must be 'auto' or an integer >= 1, got {self.round_to!r}", fix="use --round-to 1 to disable rounding")
         if isinstance(self.calibrate, bool) or int(self.calibrate) < 0:
             raise UsageError(f"--calibrate must be a number of samples >= 0, got {self.calibrate}", fix="e.g. --calibrate 512, or --calibrate 0 to disable")
-        if self.calibrate_method not in ("bias", "affine", "both"):
-            raise UsageError(f"unknown calibration method '{self.calibrate_method}'", fix="use --calibrate-method bias, affine or both")
+        if self.calibrate_method not in CALIBRATE_METHODS:
+            raise UsageError(f"unknown calibration method '{self.calibrate_method}'", fix="use --calibrate-method " + ", ".join(CALIBRATE_METHODS))
         if any(not (0 < r < 1) for r in self.grid):
             raise UsageError(f"sensitivity ratios must be in (0, 1), got {self.grid}", fix="e.g. --grid 0.1,0.3,0.5,0.7")
 
@@ -96,6 +96,22 @@ def default_output(path: str | Path) -> Path:
     p = Path(path)
     stem = p.name[:-5] if p.name.endswith(".onnx") else p.name
     return p.with_name(f"{stem}.pruned.onnx")
+
+
+CALIBRATE_METHODS = ("reconstruct", "both", "affine", "bias")
+
+
+def make_calibrator(cg: ChannelGraph, x: np.ndarray, method: str, *, batch_size: int = 64, device: str = "cpu", progress=None):
+    """A calibrator for ``method``: :class:`~onnxprune.reconstruct.Reconstructor` for
+    ``reconstruct``, else :class:`~onnxprune.calibrate.Calibrator` (both have
+    ``calibrate(mask, pruned, method=...)`` and ``transform(method=...)``)."""
+    if method == "reconstruct":
+        from .reconstruct import Reconstructor
+
+        return Reconstructor(cg, x, batch_size=batch_size, device=device)
+    from .calibrate import Calibrator
+
+    return Calibrator(cg, x, batch_size=batch_size, device=device, progress=progress)
 
 
 def _noop(stage: str, done: int, total: int) -> None:
@@ -245,7 +261,7 @@ def prune(
         train = load_dataset(train_data, image_options=options.image_options)
     external = has_external_data(model_path)  # keep the input's layout: external data in, external data out
     cg = find_groups(model, exclude=options.exclude, input_shapes=options.input_shapes)
-    del model  # cg.model is a copy: do not hold two full sets of weights (matters for >2 GB models)
+    del model  # only cg.model from here on (find_groups may return a copy): one set of weights alive (matters for >2 GB models)
     before = count(cg.model, shapes=cg.shapes)
     timings["analyze"] = time.perf_counter() - t0
 
@@ -262,10 +278,9 @@ def prune(
     calibrator = None
     if options.calibrate and (calib_data is not None or evaluator is not None):
         t = time.perf_counter()
-        from .calibrate import Calibrator
-
         source = load_dataset(calib_data, limit=options.calibrate, image_options=options.image_options) if calib_data else evaluator.dataset
-        calibrator = Calibrator(cg, source.x[: options.calibrate], batch_size=options.batch_size, device=options.device, progress=lambda d, tt: progress("calibration", d, tt))
+        calibrator = make_calibrator(cg, source.x[: options.calibrate], options.calibrate_method, batch_size=options.batch_size, device=options.device,
+                                     progress=lambda d, tt: progress("calibration", d, tt))
         timings["calibration_stats"] = time.perf_counter() - t
 
     t = time.perf_counter()

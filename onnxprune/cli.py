@@ -185,6 +185,12 @@ def main() -> None:
     pass
 
 
+CALIBRATE_HELP = (
+    "reconstruct: re-fit each layer that lost inputs by least squares on the samples (best, a few seconds); "
+    "both: bias compensation + per-channel mean/std matching; affine: mean/std only; bias: mean only."
+)
+
+
 @main.command("prune", help=MAIN_HELP)
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--target-flops", type=float, required=True, help="Fraction of MACs to remove, 0 < R < 1 (0.3 = 30% fewer MACs).")
@@ -202,7 +208,7 @@ def main() -> None:
 @click.option("--memory-budget", type=float, default=1024, show_default=True, help="MiB of cached activations for fast sensitivity runs.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("--calibrate", "calibrate_n", type=int, default=512, show_default=True, help="Samples used to re-calibrate activation statistics after pruning (needs --data or --calib-data; 0 = off).")
-@click.option("--calibrate-method", type=click.Choice(["bias", "affine", "both"]), default="both", show_default=True, help="bias: add removed channels' mean contribution; affine: match per-channel mean/std; both.")
+@click.option("--calibrate-method", type=click.Choice(["reconstruct", "both", "affine", "bias"]), default="reconstruct", show_default=True, help=CALIBRATE_HELP)
 @click.option("--calib-data", help="Unlabeled data for --calibrate [default: the first samples of --data].")
 @click.option("--calibrated-sensitivity", is_flag=True, help="Measure sensitivity after calibration (slower; closer to the final model).")
 @click.option("--finetune-epochs", type=int, default=0, show_default=True, help="Fine-tune the pruned model for N epochs with torch (needs --train-data).")
@@ -329,13 +335,14 @@ def analyze_cmd(model, input_shape, exclude, as_json):
 @click.option("--memory-budget", type=float, default=1024, show_default=True)
 @click.option("--no-suffix", is_flag=True, help="Evaluate the full model for every measurement (slower; for comparison).")
 @click.option("--calibrate", "calibrate_n", type=int, default=512, show_default=True, help="Measure each drop after calibrating the pruned model on N samples, as the main command does by default (0 = off, about 5x faster).")
+@click.option("--calibrate-method", type=click.Choice(["reconstruct", "both", "affine", "bias"]), default="reconstruct", show_default=True, help=CALIBRATE_HELP)
 @click.option("--calib-data", help="Unlabeled data for --calibrate [default: the first samples of --data].")
 @click.option("--quiet", is_flag=True)
 @data_options
 @run_safely
-def sensitivity_cmd(model, criterion, grid, exclude, input_shape, csv_path, json_path, plot_path, cache_dir, memory_budget, no_suffix, calibrate_n, calib_data, quiet, data, limit, batch_size, device, image_size, crop, mean, std, channel_order, scale, grayscale):
+def sensitivity_cmd(model, criterion, grid, exclude, input_shape, csv_path, json_path, plot_path, cache_dir, memory_budget, no_suffix, calibrate_n, calibrate_method, calib_data, quiet, data, limit, batch_size, device, image_size, crop, mean, std, channel_order, scale, grayscale):
     """Measure each channel group's accuracy drop when pruned alone at each ratio."""
-    from .api import PruneOptions, build_evaluator, cache_file, criterion_fallback_note, sensitivity_variant
+    from .api import PruneOptions, build_evaluator, cache_file, criterion_fallback_note, make_calibrator, sensitivity_variant
     from .data import load_dataset
     from .graph import load_model, write_text_atomic
     from .groups import find_groups
@@ -354,13 +361,11 @@ def sensitivity_cmd(model, criterion, grid, exclude, input_shape, csv_path, json
         ev = build_evaluator(cg.model, data, options, cb)
         transform, extra, n_cal = None, "", 0
         if calibrate_n:
-            from .calibrate import Calibrator
-
             x_cal = load_dataset(calib_data, limit=calibrate_n, image_options=options.image_options).x if calib_data else ev.dataset.x
-            cal = Calibrator(cg, x_cal[:calibrate_n], batch_size=batch_size, device=device, progress=lambda d, t: cb("calibration", d, t))
+            cal = make_calibrator(cg, x_cal[:calibrate_n], calibrate_method, batch_size=batch_size, device=device, progress=lambda d, t: cb("calibration", d, t))
             n_cal = len(cal.x)
-            transform, extra = cal.transform(), f"calibrate=both:{n_cal}"
-        cache = cache_file(str(cache_dir), Path(model), sensitivity_variant(criterion, n_cal))
+            transform, extra = cal.transform(method=calibrate_method), f"calibrate={calibrate_method}:{n_cal}"
+        cache = cache_file(str(cache_dir), Path(model), sensitivity_variant(criterion, n_cal, calibrate_method))
         run = analyze(cg, score_units(cg, criterion), ev, grid=options.grid, criterion=criterion, cache_file=cache, cache_extra=extra, memory_budget_mb=memory_budget, suffix=not no_suffix, transform=transform, progress=lambda d, t: cb("sensitivity", d, t))
     rows = curves_to_rows(cg, run.curves)
     t = Table(title=f"{run.curves.metric} drop (points) per group; baseline {100 * run.curves.baseline:.2f}%", title_justify="left")

@@ -174,7 +174,7 @@ def test_sensitivity_caches_per_criterion_and_calibration(tmp_path):
     assert "criterion 'bn' found no BatchNormalization nodes" in r.stderr
     names = sorted(p.name for p in (tmp_path / "c").iterdir())
     stem = Path(DEMO).stem
-    assert names == [f"{stem}.bn.sensitivity.json", f"{stem}.l1-cal100-both.sensitivity.json"]
+    assert names == [f"{stem}.bn.sensitivity.json", f"{stem}.l1-cal100-reconstruct.sensitivity.json"]
     # a repeated run is served from its own cache file
     r = cli("sensitivity", DEMO, *common)
     assert "groups from cache" in r.stdout and "(0 groups from cache)" not in r.stdout
