@@ -223,6 +223,13 @@ def make_session(
     providers = resolve_providers(device)
     ort = _ort()
     if isinstance(model, onnx.ModelProto):
+        from .tensors import has_lazy
+
+        if has_lazy(model):  # weights left in a > 2 GiB external data file (graph.load_model)
+            raise BadModelError(
+                "the model's weights stay in its external data file (over 2 GiB), which ONNX Runtime cannot run from memory",
+                fix="prune it without --data/--calib-data/--train-data (e.g. --strategy uniform), then evaluate the written model by its path",
+            )
         try:
             source, what = model.SerializeToString(), "the model"
         except ValueError as exc:  # protobuf refuses messages over 2 GiB

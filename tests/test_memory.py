@@ -395,3 +395,13 @@ def test_pruning_and_saving_stay_within_memory_bounds(tmp_path):
     apply_peak = _peak_mib(lambda: out.setdefault("p", apply_mask(cg, mask)))
     pruned_mib = sum(len(t.raw_data) for t in out["p"].graph.initializer) / 2**20
     assert apply_peak < pruned_mib + 0.35 * size_mib, f"apply_mask used {apply_peak:.0f} MiB for a {pruned_mib:.0f} MiB result"
+
+
+def test_evaluating_a_lazy_model_says_what_to_do(tmp_path, lazy_everything):
+    from onnxprune.errors import BadModelError
+    from onnxprune.evaluate import make_session
+
+    lazy = load_model(save_external(build(), tmp_path / "m.onnx"), lazy=True)
+    with pytest.raises(BadModelError, match="external data file") as e:
+        make_session(lazy)
+    assert "without --data" in e.value.fix
