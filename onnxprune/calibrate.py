@@ -500,13 +500,7 @@ class Calibrator:
         if method not in METHODS:
             raise UsageError(f"unknown calibration method '{method}'", fix=f"use one of {', '.join(METHODS)}")
         t0 = time.perf_counter()
-        mask = np.asarray(mask, dtype=bool)
-        if mask.shape != (self.cg.n_units,):
-            raise UsageError(f"mask has shape {mask.shape}, expected ({self.cg.n_units},)", fix="pass the mask the pruned model was made with")
-        kept = self.cg.atom_kept(mask)
-        m = onnx.ModelProto()
-        m.CopyFrom(pruned)
-        _check_pruned(self.cg, m)
+        kept, m = _working_copy(self.cg, mask, pruned)
         params = Params(m)
         nodes = {n.name: n for n in m.graph.node}
         consumers = self._consumers(kept)
@@ -650,6 +644,17 @@ def _check_x(model: onnx.ModelProto, x) -> np.ndarray:
     dtype = helper.tensor_dtype_to_np_dtype(t.elem_type) if t.elem_type else np.dtype(np.float32)
     ds = check_against_model(Dataset(x, None, "the calibration samples"), shape, dtype, input_name=inputs[0].name, num_classes=None)
     return ds.x
+
+
+def _working_copy(cg: ChannelGraph, mask, pruned: onnx.ModelProto):
+    """``(kept, copy of pruned)`` after checking that ``mask`` and ``pruned`` belong to ``cg``."""
+    mask = np.asarray(mask, dtype=bool)
+    if mask.shape != (cg.n_units,):
+        raise UsageError(f"mask has shape {mask.shape}, expected ({cg.n_units},)", fix="pass the mask the pruned model was made with")
+    m = onnx.ModelProto()
+    m.CopyFrom(pruned)
+    _check_pruned(cg, m)
+    return cg.atom_kept(mask), m
 
 
 def _check_pruned(cg: ChannelGraph, pruned: onnx.ModelProto) -> None:

@@ -48,7 +48,7 @@ from typing import Sequence
 import numpy as np
 import onnx
 
-from .calibrate import _check_pruned, _check_x, _fixed_batch, _prefix, _Runner
+from .calibrate import _check_x, _fixed_batch, _prefix, _Runner, _working_copy
 from .errors import UsageError
 from .fold import Params
 from .graph import GraphIndex, attr
@@ -283,13 +283,7 @@ class Reconstructor:
     # ---- the fit
     def run(self, mask: np.ndarray, pruned: onnx.ModelProto, *, progress=None) -> ReconstructionResult:
         t0 = time.perf_counter()
-        mask = np.asarray(mask, dtype=bool)
-        if mask.shape != (self.cg.n_units,):
-            raise UsageError(f"mask has shape {mask.shape}, expected ({self.cg.n_units},)", fix="pass the mask the pruned model was made with")
-        kept = self.cg.atom_kept(mask)
-        m = onnx.ModelProto()
-        m.CopyFrom(pruned)
-        _check_pruned(self.cg, m)
+        kept, m = _working_copy(self.cg, mask, pruned)
         layers, fits = self._layers(kept)
         if layers:
             targets = self._targets(layers)
