@@ -34,8 +34,11 @@ a duplicated filter), the original output is reachable and the solution
 reproduces it (up to the ridge term). An unpruned model has no consumers and is
 returned unchanged.
 
-Cost: one pass of the original model, then for each consumer a pass of the
-pruned model up to that consumer's input, on ``max_samples`` samples.
+Cost: passes of the original model for the sampled targets (one when they
+fit ``target_budget_mb``, else one per run of layers that fits), then for each
+consumer a pass of the pruned model up to that consumer's input, on
+``max_samples`` samples. Memory: the targets of one run of layers plus one
+``features x features`` normal matrix.
 """
 
 from __future__ import annotations
@@ -191,12 +194,14 @@ class Reconstructor:
         device: str = "cpu",
         threads: int | None = None,
         seed: int = 0,
+        target_budget_mb: float = 256,
     ):
         if rows < 1 or ridge < 0 or max_samples < 2:
             raise UsageError("reconstruction needs rows >= 1, ridge >= 0 and max_samples >= 2", fix="use the defaults")
         self.cg = cg
         self.x = _check_x(cg.model, x)[:max_samples]
         self.rows, self.ridge, self.seed = int(rows), float(ridge), int(seed)
+        self.target_budget = float(target_budget_mb) * 2**20
         fixed = _fixed_batch(cg.model)
         if fixed:  # a model exported with a fixed batch runs that many samples at a time
             batch_size = fixed
@@ -257,13 +262,29 @@ class Reconstructor:
         return f"{op} is not reconstructed"
 
     # ---- data
-    def _targets(self, layers: list[_Layer]) -> dict[str, tuple[_Rows, list[np.ndarray]]]:
-        """One pass of the original model: sampled output rows (kept channels) of every layer."""
+    def _chunks(self, layers: list[_Layer]):
+        """``(index of the first layer, layers)`` runs whose sampled targets fit ``target_budget`` bytes."""
+        per_sample = max(1, -(-self.rows // len(self.x)))
+        chunk, first, size = [], 0, 0
+        for k, layer in enumerate(layers):
+            shape = self.cg.shapes.get(layer.y) or ()
+            positions = int(np.prod(shape[2:])) if layer.op == "Conv" and len(shape) > 2 and all(isinstance(v, int) for v in shape[2:]) else 1
+            nbytes = 4 * len(self.x) * min(per_sample, positions) * len(layer.keep_out)
+            if chunk and size + nbytes > self.target_budget:
+                yield first, chunk
+                chunk, first, size = [], k, 0
+            chunk.append(layer)
+            size += nbytes
+        if chunk:
+            yield first, chunk
+
+    def _targets(self, layers: list[_Layer], first: int = 0) -> dict[str, tuple[_Rows, list[np.ndarray]]]:
+        """One pass of the original model: sampled output rows (kept channels) of ``layers``."""
         names = list(dict.fromkeys(layer.y for layer in layers))
         model = _prefix(self.cg.model, names)
         out: dict[str, tuple[_Rows, list[np.ndarray]]] = {}
         for k, layer in enumerate(layers):
-            out[layer.node] = (_Rows(self.rows, len(self.x), self.seed + k), [])
+            out[layer.node] = (_Rows(self.rows, len(self.x), self.seed + first + k), [])
         for outs in self.runner.batches(model, self.x, names):
             vals = dict(zip(names, outs))
             for layer in layers:
@@ -285,14 +306,16 @@ class Reconstructor:
         t0 = time.perf_counter()
         kept, m = _working_copy(self.cg, mask, pruned)
         layers, fits = self._layers(kept)
-        if layers:
-            targets = self._targets(layers)
-            params = Params(m)
-            nodes = {n.name: n for n in m.graph.node}
-            for k, layer in enumerate(layers):
+        params = Params(m)
+        nodes = {n.name: n for n in m.graph.node}
+        done = 0
+        for first, chunk in self._chunks(layers):  # original-model targets for a few layers at a time
+            targets = self._targets(chunk, first)
+            for layer in chunk:
                 fits.append(self._fit(m, params, nodes[layer.node], layer, *targets.pop(layer.node)))
+                done += 1
                 if progress:
-                    progress(k + 1, len(layers))
+                    progress(done, len(layers))
         seconds = time.perf_counter() - t0
         result = ReconstructionResult(m, tuple(fits), len(self.x), seconds)
         log.info("%s", result.summary())

@@ -189,3 +189,24 @@ def test_recovers_trained_model_accuracy_without_training():
     assert after_prune < 0.3 and base > 0.9
     assert rec > affine + 0.1, (rec, affine)  # measured: 0.91 vs 0.70
     assert rec > base - 0.04
+
+
+def test_small_target_budget_gives_the_same_model(zoo_export):
+    """Targets computed a few layers at a time (bounded memory) give the same fit (up to float
+    rounding: ONNX Runtime may fuse differently when other tensors are graph outputs)."""
+    from onnxprune import allocate
+    from onnxprune.importance import score_units
+    from onnxprune.reconstruct import Reconstructor
+
+    cg = find_groups(onnx.load(str(zoo_export("resnet20", "legacy", 0.5))))
+    scores = score_units(cg, "l1")
+    mask = allocate.MaskBuilder(cg, scores).mask(allocate.uniform(cg, scores, target=0.4, round_to=1).keep)
+    pruned = apply_mask(cg, mask)
+    x = np.random.default_rng(0).normal(size=(32, 3, 32, 32)).astype(np.float32)
+    one = Reconstructor(cg, x, rows=1024).run(mask, pruned)
+    small = Reconstructor(cg, x, rows=1024, target_budget_mb=0.05)
+    assert len(list(small._chunks(small._layers(cg.atom_kept(mask))[0]))) > 2
+    many = small.run(mask, pruned)
+    assert [f.node for f in one.layers] == [f.node for f in many.layers]
+    np.testing.assert_allclose([f.error_after for f in many.layers], [f.error_after for f in one.layers], rtol=1e-3)
+    assert rel_err(run(many.model, x)[0], run(one.model, x)[0]) <= 1e-3
