@@ -319,7 +319,7 @@ def prune(
         timings["evaluate"] = time.perf_counter() - t
     if calibrator is not None:
         t = time.perf_counter()
-        res = calibrator.calibrate(mask, pruned, method=options.calibrate_method)
+        res = calibrator.calibrate(mask, pruned, method=options.calibrate_method, progress=lambda d, tt: progress("calibrate", d, tt))
         pruned = res.model
         detail["calibration"] = {"summary": res.summary(), "samples": res.samples, "method": res.method, "seconds": res.seconds,
                                  "source": calib_data or "--data"}

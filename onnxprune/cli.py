@@ -207,7 +207,7 @@ CALIBRATE_HELP = (
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=Path(".onnxprune-cache"), show_default=True, help="Sensitivity cache folder (resumes interrupted runs).")
 @click.option("--memory-budget", type=float, default=1024, show_default=True, help="MiB of cached activations for fast sensitivity runs.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
-@click.option("--calibrate", "calibrate_n", type=int, default=512, show_default=True, help="Samples used to re-calibrate activation statistics after pruning (needs --data or --calib-data; 0 = off).")
+@click.option("--calibrate", "calibrate_n", type=int, default=512, show_default=True, help="Unlabeled samples used to recover accuracy after pruning (needs --data or --calib-data; 0 = off). With reconstruct the time grows with N x pruned layers: lower N for large models.")
 @click.option("--calibrate-method", type=click.Choice(["reconstruct", "both", "affine", "bias"]), default="reconstruct", show_default=True, help=CALIBRATE_HELP)
 @click.option("--calib-data", help="Unlabeled data for --calibrate [default: the first samples of --data].")
 @click.option("--calibrated-sensitivity", is_flag=True, help="Measure sensitivity after calibration (slower; closer to the final model).")
