@@ -399,9 +399,9 @@ def render(uniform, srows, trows, args, data: Data, load_start: float, wall: flo
     parts += [
         f"Top-1 on {len(data.y_val)} validation images (`models/demo/fmnist_val.npz`); calibration on the {len(data.x_cal)} "
         "unlabeled images of `models/demo/fmnist_calib.npz`; no labels, no training.",
-        "Pruning: uniform allocation, L1 criterion, round_to 8 (4 where 8 cannot reach the target). gap = unpruned - calibrated (both), in points; "
+        "Pruning: uniform allocation, L1 criterion, round_to 8 (4 where 8 cannot reach the target). gap = unpruned - recovered top-1 (both / reconstruct), in points; "
         f"goal at -30% MACs: gap <= {GOAL_POINTS:g}.",
-        "Time: one `calibrate()` call (original-model statistics pass + calibration), ONNX Runtime CPU.",
+        "Time: one `calibrate()` or `reconstruct()` call (original-model pass + calibration), ONNX Runtime CPU.",
         "Output error: relative L2 distance of the logits to the unpruned model's on the calibration images.",
     ] + MODEL_NOTES + goal_lines(uniform, srows)
     parts += ["", "## 2. Sensitivity allocation: calibrated vs uncalibrated measurements, then a fixed fine-tuning budget\n", strategy_table(srows, len(data.y_test))]
