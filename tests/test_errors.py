@@ -662,7 +662,10 @@ def _sens_cmd(folder: Path, cache: str) -> list[str]:
 def _interrupt(folder: Path, workdir: Path, sig: int, cache: str) -> subprocess.CompletedProcess:
     """Start a sensitivity run, wait until it has cached a first group, then send ``sig``."""
     cmd = _sens_cmd(folder, cache)
-    proc = subprocess.Popen(cmd, cwd=workdir, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a shell without job control starts background jobs with SIGINT ignored, and Python keeps that
+    # (so would a user's `nohup ... &`); give the child the default disposition so the test works anywhere
+    proc = subprocess.Popen(cmd, cwd=workdir, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     cache_file = workdir / cache / "big.l1.sensitivity.json"
     deadline = time.monotonic() + 90
     while not cache_file.exists():
