@@ -75,6 +75,11 @@ class PruneReport:
                 parts.append(f"cosine {m['cosine']:.4f}")
             if parts:
                 lines.append(f"{stage:>12}: " + ", ".join(parts))
+        cal = (self.detail or {}).get("calibration")
+        if cal:
+            src = cal.get("source")
+            where = "samples of --data (also evaluated: pass --calib-data for an independent estimate)" if src == "--data" else f"samples of {src}"
+            lines.append(f"Recovery without training: {cal.get('method')} on {cal.get('samples')} {where}")
         if self.provider:
             lines.append(f"Evaluated with ONNX Runtime on {self.provider}")
         return lines

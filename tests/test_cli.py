@@ -154,12 +154,17 @@ def test_main_job_calibrates_by_default_and_reports_each_stage(tmp_path):
     r = cli(DEMO, "--target-flops", "0.3", "--strategy", "uniform", "--data", VAL, "--limit", 600, "--calib-data", calib, "-o", tmp_path / "c.onnx", "--report", rep)
     assert r.returncode == 0, r.stderr
     assert "calibrated:" in r.stdout
+    assert f"Recovery without training: reconstruct on 512 samples of {calib}" in r.stdout
     d = json.loads(rep.read_text())
     assert d["metrics"]["calibrated"]["top1"] > d["metrics"]["pruned"]["top1"] + 0.1
     assert d["detail"]["calibration"]["samples"] == 512 and d["detail"]["calibration"]["source"] == str(calib)
+    assert d["detail"]["calibration"]["method"] == "reconstruct"
     assert d["metrics"]["calibrated"]["top1"] == pytest.approx(_independent_top1(tmp_path / "c.onnx", 600))
     r = cli(DEMO, "--target-flops", "0.3", "--strategy", "uniform", "--data", VAL, "--limit", 300, "--calibrate", 0, "-o", tmp_path / "n.onnx", "--json")
     assert "calibrated" not in json.loads(r.stdout)["metrics"]
+    # calibrating on the evaluated samples is allowed, and the summary says the estimate is not independent
+    r = cli(DEMO, "--target-flops", "0.3", "--strategy", "uniform", "--data", VAL, "--limit", 300, "--calibrate-method", "both", "-o", tmp_path / "b.onnx")
+    assert "Recovery without training: both on 300 samples of --data (also evaluated" in r.stdout
 
 
 def test_sensitivity_caches_per_criterion_and_calibration(tmp_path):
