@@ -289,7 +289,6 @@ def prune(
     note = criterion_fallback_note(cg, options.criterion)
     if note:
         log.warning(note)
-        detail["criterion_note"] = note
     if plan is not None:
         the_plan = PruningPlan.load(plan)
         mask = the_plan.to_mask(cg)
@@ -307,6 +306,8 @@ def prune(
         strategy = alloc.strategy
         detail.update(alloc.detail)
         the_plan = PruningPlan.from_mask(cg, mask)
+    if note:
+        detail["criterion_note"] = note
     timings["allocate"] = time.perf_counter() - t
 
     t = time.perf_counter()

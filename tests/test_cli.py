@@ -183,3 +183,11 @@ def test_sensitivity_caches_per_criterion_and_calibration(tmp_path):
     # a repeated run is served from its own cache file
     r = cli("sensitivity", DEMO, *common)
     assert "groups from cache" in r.stdout and "(0 groups from cache)" not in r.stdout
+
+
+def test_bn_criterion_on_folded_export_is_reported(tmp_path):
+    r = cli(DEMO, "--target-flops", "0.3", "--criterion", "bn", "-o", tmp_path / "bn.onnx", "--json")
+    assert r.returncode == 0, r.stderr
+    assert "criterion 'bn' found no BatchNormalization nodes" in r.stderr
+    assert "fell back" not in r.stdout  # stdout stays pure JSON
+    assert "scored with 'l1'" in json.loads(r.stdout)["detail"]["criterion_note"]
