@@ -133,8 +133,8 @@ def cache_file(cache_dir: str | None, model_path: Path, variant: str = "") -> Pa
     return d / f"{model_path.stem}{tag}.sensitivity.json"
 
 
-def sensitivity_variant(criterion: str, calibrate: int = 0, method: str = "both") -> str:
-    """Cache-name tag for a sensitivity run, e.g. ``l1`` or ``l1-cal512-both``."""
+def sensitivity_variant(criterion: str, calibrate: int = 0, method: str = CALIBRATE_METHODS[0]) -> str:
+    """Cache-name tag for a sensitivity run, e.g. ``l1`` or ``l1-cal512-reconstruct``."""
     return f"{criterion}-cal{calibrate}-{method}" if calibrate else criterion
 
 

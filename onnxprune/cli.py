@@ -185,6 +185,7 @@ def main() -> None:
     pass
 
 
+CALIBRATE_METHODS = ("reconstruct", "both", "affine", "bias")  # = api.CALIBRATE_METHODS (not imported: keeps start-up light)
 CALIBRATE_HELP = (
     "reconstruct: re-fit each layer that lost inputs by least squares on the samples (best, a few seconds); "
     "both: bias compensation + per-channel mean/std matching; affine: mean/std only; bias: mean only."
@@ -208,7 +209,7 @@ CALIBRATE_HELP = (
 @click.option("--memory-budget", type=float, default=1024, show_default=True, help="MiB of cached activations for fast sensitivity runs.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("--calibrate", "calibrate_n", type=int, default=512, show_default=True, help="Unlabeled samples used to recover accuracy after pruning (needs --data or --calib-data; 0 = off). With reconstruct the time grows with N x pruned layers: lower N for large models.")
-@click.option("--calibrate-method", type=click.Choice(["reconstruct", "both", "affine", "bias"]), default="reconstruct", show_default=True, help=CALIBRATE_HELP)
+@click.option("--calibrate-method", type=click.Choice(CALIBRATE_METHODS), default=CALIBRATE_METHODS[0], show_default=True, help=CALIBRATE_HELP)
 @click.option("--calib-data", help="Unlabeled data for --calibrate [default: the first samples of --data].")
 @click.option("--calibrated-sensitivity", is_flag=True, help="Measure sensitivity after calibration (slower; closer to the final model).")
 @click.option("--finetune-epochs", type=int, default=0, show_default=True, help="Fine-tune the pruned model for N epochs with torch (needs --train-data).")
@@ -335,7 +336,7 @@ def analyze_cmd(model, input_shape, exclude, as_json):
 @click.option("--memory-budget", type=float, default=1024, show_default=True)
 @click.option("--no-suffix", is_flag=True, help="Evaluate the full model for every measurement (slower; for comparison).")
 @click.option("--calibrate", "calibrate_n", type=int, default=512, show_default=True, help="Measure each drop after calibrating the pruned model on N samples, as the main command does by default (0 = off, about 5x faster).")
-@click.option("--calibrate-method", type=click.Choice(["reconstruct", "both", "affine", "bias"]), default="reconstruct", show_default=True, help=CALIBRATE_HELP)
+@click.option("--calibrate-method", type=click.Choice(CALIBRATE_METHODS), default=CALIBRATE_METHODS[0], show_default=True, help=CALIBRATE_HELP)
 @click.option("--calib-data", help="Unlabeled data for --calibrate [default: the first samples of --data].")
 @click.option("--quiet", is_flag=True)
 @data_options

@@ -311,14 +311,6 @@ def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     return [i for i in model.graph.input if i.name not in inits]
 
 
-def with_input_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]]) -> onnx.ModelProto:
-    """Return a copy whose graph inputs have the given fixed shapes."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    _set_input_shapes(m, model, input_shapes)
-    return m
-
-
 def _set_input_shapes(target: onnx.ModelProto, model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]]) -> None:
     """Fix the shapes of ``model``'s data inputs, as found (by name) among ``target``'s graph inputs."""
     names = {i.name for i in graph_inputs(model)}

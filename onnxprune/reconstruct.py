@@ -53,7 +53,7 @@ import onnx
 
 from .calibrate import _check_x, _fixed_batch, _prefix, _Runner, _working_copy
 from .errors import UsageError
-from .fold import Params
+from .fold import Params, _set_float_attr, fold
 from .graph import GraphIndex, attr
 from .groups import ChannelGraph
 
@@ -126,7 +126,7 @@ class _Rows:
         return idx
 
 
-def _pads(node: onnx.NodeProto, in_hw: Sequence[int], k: Sequence[int], s: Sequence[int], d: Sequence[int]) -> tuple[int, ...] | None:
+def _pads(node: onnx.NodeProto, in_hw: Sequence[int], k: Sequence[int], s: Sequence[int], d: Sequence[int]) -> tuple[int, ...]:
     mode = attr(node, "auto_pad", b"NOTSET")
     mode = mode.decode() if isinstance(mode, bytes) else mode
     if mode in ("NOTSET", ""):
@@ -207,7 +207,6 @@ class Reconstructor:
             batch_size = fixed
             self.x = self.x[: len(self.x) // fixed * fixed]
         self.runner = _Runner(device, batch_size, threads)
-        self.nodes = {n.name: n for n in cg.model.graph.node}
         self.index = GraphIndex(cg.model)
         self.compute = {c.node: c for c in cg.compute}
 
@@ -296,8 +295,7 @@ class Reconstructor:
                     idx = rows.pick(b, flat.shape[2])
                     sel = np.take_along_axis(flat, idx[:, None, :], axis=2)  # (b, c, k)
                     ys.append(sel.transpose(0, 2, 1).reshape(-1, c)[:, layer.keep_out])
-                else:
-                    idx = rows.pick(len(y), 1)
+                else:  # one row per sample: nothing to pick
                     ys.append(y[:, layer.keep_out])
         return out
 
@@ -332,9 +330,8 @@ class Reconstructor:
     def _fit(self, m: onnx.ModelProto, params: Params, node: onnx.NodeProto, layer: _Layer, rows: _Rows, ys: list[np.ndarray]) -> LayerFit:
         """Accumulate normal equations on a fit split and a held-out split (every 5th sample),
         solve on the fit split, apply only if the held-out error drops, then refit on all rows."""
-        w = params.get(node, 1)
         current = self._current(node, params)
-        acc = {"fit": _Normal(), "held": _Normal()}
+        fit, hold = _Normal(), _Normal()
         start = 0
         for k, (xb,) in enumerate(self.runner.batches(_prefix(m, [layer.x]), self.x, [layer.x])):
             y = ys[k].astype(np.float64)
@@ -345,10 +342,9 @@ class Reconstructor:
             a = np.concatenate([a.astype(np.float64), np.ones((len(a), 1))], axis=1)
             sample = np.repeat(np.arange(start, start + len(xb)), len(a) // len(xb))
             held = sample % 5 == 4
-            acc["fit"].add(a[~held], y[~held])
-            acc["held"].add(a[held], y[held])
+            fit.add(a[~held], y[~held])
+            hold.add(a[held], y[held])
             start += len(xb)
-        fit, hold = acc["fit"], acc["held"]
         features = fit.gram.shape[0] - 1
         n_rows = fit.n + hold.n
         if current.shape[0] != features + 1 or current.shape[1] != len(layer.keep_out):
@@ -358,17 +354,17 @@ class Reconstructor:
         sol = self._solve(fit)
         if sol is None:
             return LayerFit(node.name, features, n_rows, skipped="singular normal equations")
-        if hold.n and hold.error(sol) >= hold.error(current):
-            e = fit.both(hold).error(current)
-            return LayerFit(node.name, features, n_rows, e, e, skipped="the fit did not improve the held-out samples")
         total = fit.both(hold)
+        if hold.n and hold.error(sol) >= hold.error(current):
+            e = total.error(current)
+            return LayerFit(node.name, features, n_rows, e, e, skipped="the fit did not improve the held-out samples")
         sol = self._solve(total) if hold.n else sol
         if sol is None:
             return LayerFit(node.name, features, n_rows, skipped="singular normal equations")
         before, after = total.error(current), total.error(sol)
         if after >= before:
             return LayerFit(node.name, features, n_rows, before, before, skipped="the fit was not better than the current weights")
-        self._write(params, node, layer, sol, w.dtype)
+        self._write(params, node, sol)
         return LayerFit(node.name, features, n_rows, before, after)
 
     def _solve(self, eq: _Normal) -> np.ndarray | None:
@@ -399,10 +395,12 @@ class Reconstructor:
             mat, bias = w, np.zeros(w.shape[1])
         return np.vstack([mat, bias[None, :]])
 
-    def _write(self, params: Params, node: onnx.NodeProto, layer: _Layer, sol: np.ndarray, dtype) -> None:
+    def _write(self, params: Params, node: onnx.NodeProto, sol: np.ndarray) -> None:
+        """Store ``sol`` (the :meth:`_current` layout) as the node's weights and bias, in the weight's dtype."""
         mat, bias = sol[:-1], sol[-1]
         op = node.op_type
         w = params.get(node, 1)
+        dtype = w.dtype
         if op == "Conv":
             params.set(node, 1, mat.T.reshape(w.shape), dtype)
             params.set(node, 2, bias, dtype)
@@ -411,16 +409,12 @@ class Reconstructor:
             b = mat / alpha
             params.set(node, 1, b.T if int(attr(node, "transB", 0)) else b, dtype)
             if beta == 0.0:
-                from .fold import _set_float_attr
-
                 _set_float_attr(node, "beta", 1.0)
                 beta = 1.0
             c = params.get(node, 2)
             new_c = bias / beta
             params.set(node, 2, new_c.reshape(c.shape) if c is not None and c.size == len(new_c) else new_c, dtype)
         else:  # MatMul: fit without changing the graph; the bias row is folded through a private Add
-            from .fold import fold
-
             params.set(node, 1, mat, dtype)
             if np.any(bias != 0.0):
                 fold(params.model, params, node, np.ones_like(bias), bias)

@@ -191,3 +191,10 @@ def test_bn_criterion_on_folded_export_is_reported(tmp_path):
     assert "criterion 'bn' found no BatchNormalization nodes" in r.stderr
     assert "fell back" not in r.stdout  # stdout stays pure JSON
     assert "scored with 'l1'" in json.loads(r.stdout)["detail"]["criterion_note"]
+
+
+def test_cli_calibration_methods_are_the_apis():
+    from onnxprune import api, cli as cli_mod
+
+    assert cli_mod.CALIBRATE_METHODS == api.CALIBRATE_METHODS
+    assert api.PruneOptions().calibrate_method == cli_mod.CALIBRATE_METHODS[0]
