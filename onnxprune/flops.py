@@ -167,6 +167,11 @@ def count(
     """Per-layer MACs and parameters of ``model`` (see module docstring for the convention)."""
     index = GraphIndex(model)
     if shapes is None:
+        if input_shapes is None:  # dynamic spatial dims: the file's metadata (Ultralytics imgsz) when present
+            from .input_shapes import from_metadata
+
+            meta = from_metadata(model)
+            input_shapes = meta.shapes if meta is not None else None
         shapes = infer_shapes(model, input_shapes=input_shapes, need=shapes_needed(model, index))
     layers = []
     for k, node in enumerate(model.graph.node):

@@ -352,8 +352,6 @@ def _ort_shapes(
     copied into the session: shapes do not depend on their values, and the
     zeros are not even resident until ONNX Runtime reads them.
     """
-    import onnxruntime as ort
-
     m = _weightless_copy(model, keep_unfed=True)
     if input_shapes:
         _set_input_shapes(m, model, input_shapes)
@@ -385,12 +383,10 @@ def _ort_shapes(
                 fix=f"pass --input-shape {vi.name}:DIMS with the real (smaller) sizes",
             )
         feeds[vi.name] = np.zeros(shape, dtype=elem)
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.log_severity_level = 3
-    try:
-        sess = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        outs = sess.run(list(wanted), feeds)
+    from .runtime import make_session
+
+    try:  # CPU, no graph optimizations: only shapes are read
+        outs = make_session(m.SerializeToString(), device="cpu", optimize=False).run_once(feeds, wanted)
     except Exception as exc:
         raise ShapeError(
             f"shapes could not be inferred and a dry run failed: {str(exc).splitlines()[0][:200]}",
@@ -470,7 +466,8 @@ def infer_shapes(
         for n, s in measured.items():
             old = shapes.get(n)
             # keep a symbolic batch dim symbolic: the dry run used batch 1
-            if (old and len(old) == len(s) and old[0] is None) or (not old and symbolic_batch and len(s) >= 2 and s[0] == 1):
+            # (only when the model's batch is symbolic: a fixed-batch model's dry run ran at its real batch)
+            if symbolic_batch and ((old and len(old) == len(s) and old[0] is None) or (not old and len(s) >= 2 and s[0] == 1)):
                 s = (None, *s[1:])
             shapes[n] = s
     return shapes
@@ -566,17 +563,20 @@ def opset_version(model: onnx.ModelProto) -> int:
 
 
 # --------------------------------------------------------------------------- save
-def check_output_path(out: str | os.PathLike, *, input_path: str | os.PathLike | None = None, force: bool = False) -> Path:
-    """Validate an output path before any work is done; return it as a Path."""
+def check_output_path(
+    out: str | os.PathLike, *, input_path: str | os.PathLike | None = None, force: bool = False, flag: str = "-o/--output"
+) -> Path:
+    """Validate an output path before any work is done; return it as a Path. ``flag`` is the
+    option that names it (``--report``, ``--csv``...), so the fix says which flag to change."""
     o = Path(out)
     if input_path is not None and o.resolve() == Path(input_path).resolve():
-        raise OutputError(f"output '{o}' is the input model", fix="choose another name with -o/--output")
+        raise OutputError(f"output '{o}' is the input model", fix=f"choose another name with {flag}")
     if not o.parent.exists():
         raise OutputError(f"output folder '{o.parent}' does not exist", fix=f"create it first (mkdir -p {o.parent})")
     if o.is_dir():
-        raise OutputError(f"output '{o}' is a directory", fix="give a file name with -o/--output")
+        raise OutputError(f"output '{o}' is a directory", fix=f"give a file name with {flag}")
     if not os.access(o.parent, os.W_OK):
-        raise OutputError(f"output folder '{o.parent}' is not writable", fix="choose a writable folder with -o/--output")
+        raise OutputError(f"output folder '{o.parent}' is not writable", fix=f"choose a writable folder with {flag}")
     if o.exists() and not force:
         raise OutputError(f"output '{o}' already exists", fix="pass --force to overwrite it or choose another name")
     return o

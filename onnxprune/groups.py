@@ -39,6 +39,8 @@ from .edits import ComputeMap, Edit, ShapeEntry, SliceBounds, SliceTensor, Split
 from .errors import UnsupportedModelError
 from .flops import is_compute, shapes_needed
 from .graph import GraphIndex, infer_shapes, node_label, opset_version
+from .input_shapes import from_metadata
+from .normalize import apply_normalizations, plan_normalizations, summarize, why_not_constant
 from .rules import ChannelMap
 from .tensors import release_freed_memory
 
@@ -90,6 +92,7 @@ class ChannelGraph:
     atom_owner: tuple[str, ...]
     atom_channel: np.ndarray
     segments: tuple = ()  # (node name, unit ids): each must keep at least one unit (Split outputs, Slice ranges)
+    normalizations: tuple = ()  # onnxprune.normalize.Normalization: changes beyond pruning made before analysis
 
     def empty_segment(self, unit_kept: np.ndarray) -> str | None:
         """Name of a Split/Slice whose output would lose every channel, else None."""
@@ -131,6 +134,17 @@ class ChannelGraph:
             cin = c.in_fixed if c.in_atoms is None else int(kept(c.in_atoms).sum())
             total += c.spatial * c.kernel * out * cin
         return total
+
+    @property
+    def output_prunable_share(self) -> float:
+        """Share of total MACs in compute nodes whose output channels all belong to prunable groups
+        (the MACs whose own filters onnxprune may remove; a stricter measure than :attr:`prunable_macs_share`)."""
+        ok = np.zeros(self.n_units, dtype=bool)
+        for g in self.prunable_groups:
+            ok[list(g.units)] = True
+        macs = sum(c.spatial * c.kernel * len(c.out_atoms) * (c.in_fixed if c.in_atoms is None else len(c.in_atoms))
+                   for c in self.compute if len(c.out_atoms) and ok[self.unit_of_atom[c.out_atoms]].all())
+        return macs / self.total_macs if self.total_macs else 0.0
 
     @property
     def prunable_macs_share(self) -> float:
@@ -238,7 +252,7 @@ class _Context:
 
     def slice_tensor(self, node, tensor: str, axis: int, atoms: np.ndarray) -> None:
         if self.const(tensor) is None:
-            self.block(atoms, f"{node.op_type} '{node_label(node)}' reads '{tensor}', which is not a constant onnxprune can slice")
+            self.block(atoms, f"{node.op_type} '{node_label(node)}' reads '{tensor}', which is not a constant onnxprune can slice: {why_not_constant(self.index, tensor)}")
             return
         self.edits.append(SliceTensor(tensor, int(axis), np.asarray(atoms, dtype=np.int64), node.name))
 
@@ -461,13 +475,21 @@ def find_groups(
     """
     from .graph import ensure_node_names
 
-    if all(n.name for n in model.graph.node):
+    renames, folded, normalizations = plan_normalizations(model)
+    if all(n.name for n in model.graph.node) and not normalizations:
         m = model  # nothing to add: analyze the model itself, no copy of its weights
     else:
         m = onnx.ModelProto()
         m.CopyFrom(model)
         ensure_node_names(m)
+        apply_normalizations(m, renames, folded)
+        del renames, folded
+        if normalizations:
+            log.info("normalized constants: %s", summarize(normalizations))
     if shapes is None:
+        if input_shapes is None:  # dynamic spatial dims: the file's metadata (Ultralytics imgsz) when present
+            meta = from_metadata(m)
+            input_shapes = meta.shapes if meta is not None else None
         shapes = _analysis_shapes(m, input_shapes)
     ctx = _Context(m, shapes, exclude)
     index = ctx.index
@@ -499,12 +521,12 @@ def find_groups(
         if mp is not None:
             ctx.block(mp.atoms, f"channels reach graph output '{out.name}'")
     _finish_shared_constants(ctx)
-    cg = _build(ctx, m, shapes)
+    cg = _build(ctx, m, shapes, tuple(normalizations))
     release_freed_memory()  # the weights' transient copies read by the rules
     return cg
 
 
-def _build(ctx: _Context, model, shapes) -> ChannelGraph:
+def _build(ctx: _Context, model, shapes, normalizations: tuple = ()) -> ChannelGraph:
     n_atoms = len(ctx.uf.parent)
     roots = np.array([ctx.uf.find(a) for a in range(n_atoms)], dtype=np.int64)
     uniq, unit_of_atom = np.unique(roots, return_inverse=True)
@@ -596,6 +618,7 @@ def _build(ctx: _Context, model, shapes) -> ChannelGraph:
         atom_owner=tuple(ctx.owner),
         atom_channel=np.asarray(ctx.channel, dtype=np.int64),
         segments=tuple(segments),
+        normalizations=normalizations,
     )
 
 

@@ -25,7 +25,7 @@ def test_plan_round_trip(cg, tmp_path):
     again = PruningPlan.load(tmp_path / "p.json")
     assert np.array_equal(again.to_mask(cg), mask)
     d = json.loads((tmp_path / "p.json").read_text())
-    assert d["groups"] and all(set(g) == {"id", "producers", "channels", "kept"} for g in d["groups"])
+    assert d["groups"] and all(set(g) == {"id", "producers", "channels", "kept", "kept_by_producer", "removed_by_producer"} for g in d["groups"])
 
 
 @pytest.mark.parametrize(
@@ -66,7 +66,13 @@ def test_malformed_plan_file(tmp_path):
 
 @pytest.mark.parametrize("criterion", CRITERIA)
 def test_criteria_give_finite_scores_for_every_prunable_unit(cg, criterion):
-    s = score_units(cg, criterion)
+    from onnxprune.importance import DATA_CRITERIA
+
+    data = None
+    if criterion in DATA_CRITERIA:  # recon chooses from samples
+        dims = [d.dim_value for d in cg.model.graph.input[0].type.tensor_type.shape.dim][1:]
+        data = np.random.default_rng(0).normal(size=(16, *dims)).astype(np.float32)
+    s = score_units(cg, criterion, data=data)
     assert s.shape == (cg.n_units,)
     units = [u for g in cg.prunable_groups for u in g.units]
     assert np.isfinite(s[units]).all()
