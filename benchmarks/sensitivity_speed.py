@@ -48,7 +48,7 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
-from onnxprune import sensitivity  # noqa: E402
+from onnxprune import runtime, sensitivity  # noqa: E402
 from onnxprune.data import Dataset, load_dataset  # noqa: E402
 from onnxprune.evaluate import Evaluator  # noqa: E402
 from onnxprune.flops import count  # noqa: E402
@@ -101,7 +101,7 @@ class _TimedSession:
 
 
 class _TimedOrt:
-    """Stands in for the ``onnxruntime`` module inside ``sensitivity._Runner``."""
+    """Stands in for the ``onnxruntime`` module inside ``onnxprune.runtime`` (``runtime._ort``)."""
 
     def __init__(self, ledger: Ledger):
         self._ledger = ledger
@@ -119,7 +119,7 @@ class _TimedOrt:
 class instrument:
     """Context manager: patch the module-level helpers ``analyze`` calls to record their time."""
 
-    WRAP = {"apply_mask": "apply_mask", "_suffix_model": "build suffix model", "compute_metrics": "metrics"}
+    WRAP = {"apply_mask": "apply_mask", "suffix_model": "build suffix model", "compute_metrics": "metrics"}
 
     def __init__(self, ledger: Ledger):
         self.ledger = ledger
@@ -136,20 +136,14 @@ class instrument:
                     return _fn(*a, **k)
 
             setattr(sensitivity, attr, wrapped)
-        base = sensitivity._Runner
-        self.saved["_Runner"] = base
-
-        class Runner(base):
-            def __init__(self, evaluator):
-                super().__init__(evaluator)
-                self.ort = _TimedOrt(ledger)
-
-        sensitivity._Runner = Runner
+        self.saved_ort = runtime._ort
+        runtime._ort = lambda: _TimedOrt(ledger)  # every session analyze opens goes through the runtime layer
         return self
 
     def __exit__(self, *exc):
         for attr, fn in self.saved.items():
             setattr(sensitivity, attr, fn)
+        runtime._ort = self.saved_ort
 
 
 # --------------------------------------------------------------------------- cases

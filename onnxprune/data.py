@@ -20,6 +20,7 @@ Example: ``ds = load_dataset("val.npz", limit=512)``.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import inspect
@@ -120,14 +121,39 @@ class ImageOptions:
 
 
 # --------------------------------------------------------------------------- entry point
+@contextlib.contextmanager
+def naming_flag(flag: str) -> Iterator[None]:
+    """Data errors raised inside name ``flag`` (``--calib-data``, ``--train-data``) where they say ``--data``,
+    so the fix points at the option the user actually passed."""
+    try:
+        yield
+    except (DataError, UsageError) as exc:
+        if flag == "--data" or "--data" not in f"{exc.message} {exc.fix or ''}":
+            raise
+        fix = exc.fix.replace("--data", flag) if exc.fix else None
+        raise type(exc)(exc.message.replace("--data", flag), fix=fix, node=exc.node) from None
+
+
 def load_dataset(
-    spec: str, *, limit: int | None = None, image_options: ImageOptions | None = None, progress: Progress | None = None
+    spec: str,
+    *,
+    limit: int | None = None,
+    image_options: ImageOptions | None = None,
+    progress: Progress | None = None,
+    flag: str = "--data",
 ) -> Dataset:
     """Load ``spec`` (npz/npy file, image folder, or ``module:function`` hook); keep the first ``limit`` samples.
 
     Image folders are ordered round-robin over classes so a ``limit`` keeps
     every class. ``progress(done, total)`` is called while images are decoded.
+    ``flag`` is the option that named ``spec``: errors name it and suggest it.
     """
+    with naming_flag(flag):
+        ds = _load_dataset(spec, limit=limit, image_options=image_options, progress=progress)
+    return ds if flag == "--data" else replace(ds, source=f"{flag} {ds.source}")
+
+
+def _load_dataset(spec: str, *, limit: int | None, image_options: ImageOptions | None, progress: Progress | None) -> Dataset:
     if limit is not None and (isinstance(limit, bool) or int(limit) < 1):
         raise UsageError(
             f"--limit {limit} is not a positive number of samples", fix="pass --limit 1 or more, or leave it out"
@@ -501,12 +527,18 @@ def _fmt(shape) -> str:
 
 
 def check_against_model(
-    ds: Dataset, input_shape: tuple, input_dtype: np.dtype, *, input_name: str, num_classes: int | None
+    ds: Dataset, input_shape: tuple, input_dtype: np.dtype, *, input_name: str, num_classes: int | None, flag: str = "--data"
 ) -> Dataset:
     """Check ``ds`` fits the model input (rank, fixed dims after the batch axis, dtype) and class count.
 
     Returns ``ds`` itself, or a copy with float64 inputs cast to float32 when the model wants float32.
+    ``flag`` is the option the data came from; the fixes name it.
     """
+    with naming_flag(flag):
+        return _check_against_model(ds, input_shape, input_dtype, input_name=input_name, num_classes=num_classes)
+
+
+def _check_against_model(ds: Dataset, input_shape: tuple, input_dtype: np.dtype, *, input_name: str, num_classes: int | None) -> Dataset:
     want, have, src = tuple(input_shape), tuple(ds.x.shape), ds.source
     if len(want) != len(have):
         raise DataError(

@@ -1,14 +1,13 @@
-"""Run models with ONNX Runtime and score their outputs.
+"""Score models' outputs, run with :mod:`onnxprune.runtime`.
 
-* :func:`resolve_providers` / :func:`make_session`: CUDA only when it really
-  loads (``onnxruntime-gpu`` lists ``CUDAExecutionProvider`` even where the
-  CUDA libraries are missing and then silently runs on CPU; we check the
-  providers a session really got), else CPU.
-* :class:`Session`: batched runs over axis 0; I/O binding on CUDA.
 * :func:`compute_metrics` and :class:`Metrics`: top-1/top-5 with labels, and
   fidelity to a reference model's outputs without labels.
 * :class:`Evaluator`: one dataset, reference outputs computed once, one
-  session per evaluated model.
+  session per evaluated model (fixed-batch models padded by the runtime).
+
+Sessions, providers and batching live in :mod:`onnxprune.runtime`; the names
+``CPU``, ``CUDA``, ``Session``, ``make_session`` and ``resolve_providers``
+stay importable from here.
 
 Example::
 
@@ -18,245 +17,21 @@ Example::
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import logging
-import os
 from dataclasses import KW_ONLY, asdict, dataclass
-from pathlib import Path
-from typing import Callable, Literal, Sequence
 
 import numpy as np
-import onnx
 
 from .data import Dataset, check_against_model
-from .errors import BadModelError, DataError, DeviceError, UnsupportedModelError, UsageError
+from .errors import DataError, UnsupportedModelError, UsageError
+from .runtime import CPU, CUDA, Device, Progress, Session, _cuda_probe, check_batch_size, check_device, make_session, resolve_providers
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[int, int], None]
-Device = Literal["auto", "cuda", "cpu"]
-CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
-_ORT_TYPES = {
-    "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
-    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int16)": np.int16, "tensor(int8)": np.int8,
-    "tensor(uint8)": np.uint8, "tensor(uint16)": np.uint16, "tensor(bool)": np.bool_,
-}  # fmt: skip
-
-
-# --------------------------------------------------------------------------- providers
-def _ort():
-    import onnxruntime as ort
-
-    ort.set_default_logger_severity(3)  # errors only: keep ORT's warnings off the user's terminal
-    return ort
-
-
-def _options(threads: int | None):
-    ort = _ort()
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if threads is not None:
-        if isinstance(threads, bool) or int(threads) < 1:
-            raise UsageError(
-                f"--threads {threads} is not a positive number", fix="pass --threads 1 or more, or leave it out"
-            )
-        opts.intra_op_num_threads = int(threads)
-    return opts
-
-
-def _cuda_failure_reason() -> str:
-    """Why the CUDA provider library does not load (its missing dependency), for error messages."""
-    ort = _ort()
-    lib = Path(ort.__file__).parent / "capi" / "libonnxruntime_providers_cuda.so"
-    if not lib.exists():
-        return "its provider library is missing from this onnxruntime install"
-    try:
-        ctypes.CDLL(str(lib))
-    except OSError as exc:
-        return str(exc).strip()[:200]
-    return "the provider library loads but no usable CUDA device was found"
-
-
-@functools.lru_cache(maxsize=1)
-def _cuda_probe() -> tuple[bool, str]:
-    """(works, reason): create a one-node session with CUDA and see whether ORT really kept CUDA."""
-    ort = _ort()
-    if CUDA not in ort.get_available_providers():
-        return False, f"this onnxruntime {ort.__version__} build has no CUDA provider"
-    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
-    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])
-    graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "probe", [x], [y])
-    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)], ir_version=8)
-    opts = _options(1)
-    ort.set_default_logger_severity(4)  # the failed load logs at ERROR level; we report it ourselves
-    try:
-        sess = ort.InferenceSession(model.SerializeToString(), opts, providers=[CUDA, CPU])
-        got = sess.get_providers()
-    except Exception as exc:
-        return False, f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
-    finally:
-        ort.set_default_logger_severity(3)
-    if got and got[0] == CUDA:
-        return True, ""
-    return False, _cuda_failure_reason()
-
-
-def _cuda_error(reason: str) -> DeviceError:
-    return DeviceError(
-        f"CUDA was requested but ONNX Runtime could not load the CUDA provider ({reason})",
-        fix="use --device cpu or install a CUDA-enabled onnxruntime-gpu with matching CUDA/cuDNN",
-    )
-
-
-def resolve_providers(device: Device) -> list[str]:
-    """ORT providers for ``device``: 'cpu', 'cuda' (DeviceError if CUDA does not really load) or 'auto'."""
-    if device not in ("auto", "cuda", "cpu"):
-        raise UsageError(f"unknown device {device!r}", fix="pass --device auto, cuda or cpu")
-    if device == "cpu":
-        return [CPU]
-    ok, reason = _cuda_probe()
-    if ok:
-        log.info("running ONNX Runtime on CUDA")
-        return [CUDA, CPU]
-    if device == "cuda":
-        raise _cuda_error(reason)
-    log.info("running ONNX Runtime on CPU (CUDA unavailable: %s)", reason)
-    return [CPU]
-
-
-# --------------------------------------------------------------------------- sessions
-class Session:
-    """A single-input ORT session that runs arrays of any length in batches.
-
-    ``provider`` is the provider the session really uses, ``device`` is 'cuda'
-    or 'cpu'. With ``io_binding`` (default on CUDA) inputs and outputs go
-    through ORT's I/O binding instead of ``InferenceSession.run``.
-    """
-
-    def __init__(self, session, *, io_binding: bool | None = None):
-        self._sess = session
-        self.provider: str = session.get_providers()[0]
-        self.device: str = "cuda" if self.provider == CUDA else "cpu"
-        self.io_binding = self.device == "cuda" if io_binding is None else bool(io_binding)
-        inputs = session.get_inputs()
-        if len(inputs) != 1:
-            raise UnsupportedModelError(
-                f"the model has {len(inputs)} inputs ({', '.join(i.name for i in inputs)}); evaluation needs exactly one",
-                fix="export the model with a single image input",
-            )
-        arg = inputs[0]
-        self.input_name: str = arg.name
-        self.input_shape: tuple = tuple(d if isinstance(d, int) and d > 0 else None for d in (arg.shape or []))
-        self.input_dtype = np.dtype(_ORT_TYPES[arg.type]) if arg.type in _ORT_TYPES else None
-        self.output_names: list[str] = [o.name for o in session.get_outputs()]
-
-    def __repr__(self) -> str:
-        return f"Session(input={self.input_name!r}, outputs={self.output_names}, provider={self.provider!r})"
-
-    def run(
-        self,
-        x: np.ndarray,
-        *,
-        batch_size: int = 64,
-        outputs: Sequence[str] | None = None,
-        progress: Progress | None = None,
-    ) -> list[np.ndarray]:
-        """Outputs for all of ``x``, run ``batch_size`` samples at a time and concatenated on axis 0.
-
-        A model with a fixed batch dim B runs B at a time; the last batch is zero-padded and trimmed.
-        ``progress(done_samples, total_samples)`` is called after each batch.
-        """
-        names = list(outputs) if outputs is not None else self.output_names
-        unknown = [n for n in names if n not in self.output_names]
-        if unknown:
-            raise UsageError(f"unknown output(s) {unknown}", fix=f"choose among {self.output_names}")
-        if int(batch_size) < 1:
-            raise UsageError(f"batch size {batch_size} is not positive", fix="pass --batch-size 1 or more")
-        x = np.asarray(x)
-        if self.input_dtype is not None and x.dtype != self.input_dtype:
-            raise DataError(
-                f"data is {x.dtype} but model input '{self.input_name}' is {self.input_dtype}",
-                fix="check the data with onnxprune.data.check_against_model (casts float64 to float32)",
-            )
-        fixed = self.input_shape[0] if self.input_shape else None
-        step = fixed or int(batch_size)
-        total, parts = len(x), [[] for _ in names]
-        for start in range(0, total, step):
-            chunk = np.ascontiguousarray(x[start : start + step])
-            n = len(chunk)
-            if fixed and n < fixed:
-                chunk = np.concatenate([chunk, np.zeros((fixed - n, *chunk.shape[1:]), chunk.dtype)])
-            for part, out in zip(parts, self._run_batch(chunk, names, start)):
-                part.append(out[:n] if fixed else out)
-            if progress:
-                progress(min(start + step, total), total)
-        return [np.concatenate(p) if p else np.empty((0,)) for p in parts]
-
-    def _run_batch(self, chunk: np.ndarray, names: list[str], start: int) -> list[np.ndarray]:
-        try:
-            if not self.io_binding:
-                return self._sess.run(names, {self.input_name: chunk})
-            binding = self._sess.io_binding()
-            binding.bind_cpu_input(self.input_name, chunk)
-            for name in names:
-                binding.bind_output(name, self.device)
-            self._sess.run_with_iobinding(binding)
-            return binding.copy_outputs_to_cpu()
-        except Exception as exc:
-            text = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-            if "out of memory" in text.lower() or "failed to allocate" in text.lower():
-                raise DeviceError(
-                    f"{self.device} ran out of memory at batch size {len(chunk)} ({text})",
-                    fix="pass a smaller --batch-size or --device cpu",
-                ) from exc
-            raise DataError(
-                f"ONNX Runtime failed on samples {start}..{start + len(chunk) - 1} of input '{self.input_name}' ({text})",
-                fix="check that --data matches the model input (shape, layout, dtype)",
-            ) from exc
-
-
-def make_session(
-    model: onnx.ModelProto | bytes | str | os.PathLike, *, device: Device = "auto", threads: int | None = None
-) -> Session:
-    """Open ``model`` (proto, serialized bytes or path) on ``device``; DeviceError if CUDA is asked for and not really used."""
-    providers = resolve_providers(device)
-    ort = _ort()
-    if isinstance(model, onnx.ModelProto):
-        from .tensors import has_lazy
-
-        if has_lazy(model):  # weights left in a > 2 GiB external data file (graph.load_model)
-            raise BadModelError(
-                "the model's weights stay in its external data file (over 2 GiB), which ONNX Runtime cannot run from memory",
-                fix="prune it without --data/--calib-data/--train-data (e.g. --strategy uniform), then evaluate the written model by its path",
-            )
-        try:
-            source, what = model.SerializeToString(), "the model"
-        except ValueError as exc:  # protobuf refuses messages over 2 GiB
-            raise BadModelError(
-                f"the model is too large to pass in memory ({exc})", fix="save it with external data and pass its path"
-            ) from exc
-    elif isinstance(model, (bytes, bytearray)):
-        source, what = bytes(model), "the model"
-    else:
-        source, what = str(model), f"'{model}'"
-        if not Path(source).is_file():
-            raise BadModelError(f"model file {what} does not exist", fix="check the path")
-    opts = _options(threads)
-    try:
-        sess = ort.InferenceSession(source, opts, providers=providers)
-    except Exception as exc:
-        raise BadModelError(
-            f"ONNX Runtime {ort.__version__} cannot load {what}: {str(exc).splitlines()[0][-200:]}",
-            fix="re-export the model with an opset and IR version this onnxruntime supports",
-        ) from exc
-    session = Session(sess)
-    if device == "cuda" and session.provider != CUDA:
-        raise _cuda_error(f"the session fell back to {session.provider}")
-    if device == "auto" and providers[0] == CUDA and session.provider != CUDA:
-        log.warning("CUDA works but this model fell back to %s", session.provider)
-    log.debug("session on %s for %s", session.provider, what)
-    return session
+__all__ = [
+    "CPU", "CUDA", "Evaluator", "Metrics", "Session", "compute_metrics", "make_session", "resolve_providers", "_cuda_probe",
+]  # fmt: skip
 
 
 # --------------------------------------------------------------------------- metrics
@@ -372,10 +147,8 @@ class Evaluator:
     threads: int | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.batch_size, bool) or int(self.batch_size) < 1:
-            raise UsageError(f"batch size {self.batch_size} is not positive", fix="pass --batch-size 1 or more")
-        if self.device not in ("auto", "cuda", "cpu"):
-            raise UsageError(f"unknown device {self.device!r}", fix="pass --device auto, cuda or cpu")
+        check_batch_size(self.batch_size)
+        check_device(self.device)
         if self.reference_outputs is not None:
             refs = tuple(r.view() for r in _as_list(self.reference_outputs))
             for r in refs:
@@ -400,6 +173,11 @@ class Evaluator:
     ) -> Evaluator:
         """Check ``dataset`` against ``original_model``'s input and record its outputs as the reference."""
         session = make_session(original_model, device=device, threads=threads)
+        if len(session.inputs) != 1:
+            raise UnsupportedModelError(
+                f"the model has {len(session.inputs)} inputs ({', '.join(n for n, _, _ in session.inputs)}); evaluation needs exactly one",
+                fix="export the model with a single image input",
+            )
         dtype = session.input_dtype if session.input_dtype is not None else dataset.x.dtype
         fit = functools.partial(check_against_model, input_name=session.input_name)
         dataset = fit(dataset, session.input_shape, dtype, num_classes=None)

@@ -33,10 +33,12 @@ import numpy as np
 import onnx
 
 from .allocate import MaskBuilder, SensitivityCurves, nearest
-from .evaluate import Evaluator, compute_metrics, resolve_providers
+from .evaluate import Evaluator, compute_metrics
+from .extract import suffix as suffix_model
 from .graph import proto_size, write_text_atomic
 from .groups import ChannelGraph
 from .rewrite import apply_mask
+from .runtime import Runner, data_inputs, fixed_batch
 
 log = logging.getLogger(__name__)
 
@@ -185,58 +187,6 @@ def _select_feeds(cg: ChannelGraph, mask: np.ndarray, frontier: list[str], sel: 
     return feeds, shapes
 
 
-def _suffix_model(pruned: onnx.ModelProto, names: set[str], frontier: list[str], shapes, dtypes) -> onnx.ModelProto:
-    """The part of ``pruned`` made of the nodes in ``names``, fed by ``frontier`` tensors."""
-    g = pruned.graph
-    nodes = [n for n in g.node if n.name in names]
-    used = {i for n in nodes for i in n.input}
-    const_nodes = [n for n in g.node if n.op_type == "Constant" and n.output[0] in used and n.name not in names]
-    inits = [t for t in g.initializer if t.name in used]
-    inputs = [
-        onnx.helper.make_tensor_value_info(f, dtypes.get(f, onnx.TensorProto.FLOAT), [None if d is None else d for d in (None, *shapes[f][1:])])
-        for f in frontier
-    ]
-    graph = onnx.helper.make_graph(const_nodes + nodes, g.name + "_suffix", inputs, list(g.output), initializer=inits)
-    m = onnx.helper.make_model(graph, opset_imports=pruned.opset_import, ir_version=pruned.ir_version)
-    return m
-
-
-class _Runner:
-    """Multi-input batched ORT runs on the evaluator's device."""
-
-    def __init__(self, evaluator: Evaluator):
-        import onnxruntime as ort
-
-        self.ort = ort
-        self.providers = resolve_providers(evaluator.device)
-        self.batch = evaluator.batch_size
-        self.opts = ort.SessionOptions()
-        self.opts.log_severity_level = 3
-        if evaluator.threads:
-            self.opts.intra_op_num_threads = evaluator.threads
-
-    def run(self, model: onnx.ModelProto, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> list[np.ndarray]:
-        sess = self.ort.InferenceSession(model.SerializeToString(), self.opts, providers=self.providers)
-        names = outputs or [o.name for o in sess.get_outputs()]
-        n = len(next(iter(feeds.values())))
-        parts: list[list[np.ndarray]] = [[] for _ in names]
-        for s in range(0, n, self.batch):
-            outs = sess.run(names, {k: v[s : s + self.batch] for k, v in feeds.items()})
-            for p, o in zip(parts, outs):
-                p.append(o)
-        return [np.concatenate(p) for p in parts]
-
-
-def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    have = {o.name for o in m.graph.output}
-    for n in names:
-        if n not in have:
-            m.graph.output.add().name = n
-    return m
-
-
 def _tensor_dtypes(model: onnx.ModelProto) -> dict[str, int]:
     inferred = onnx.shape_inference.infer_shapes(model)
     return {vi.name: vi.type.tensor_type.elem_type for vi in [*inferred.graph.input, *inferred.graph.value_info]}
@@ -279,9 +229,10 @@ def analyze(
         except (OSError, ValueError) as exc:
             log.warning("ignoring unreadable sensitivity cache %s: %s", cache_file, exc)
     cached = sum(1 for g in groups if g.id in results)
-    runner = _Runner(evaluator)
+    runner = Runner(device=evaluator.device, batch_size=evaluator.batch_size, threads=evaluator.threads)
     x = evaluator.dataset.x
-    input_name = next(i.name for i in cg.model.graph.input if i.name not in {t.name for t in cg.model.graph.initializer})
+    input_name = data_inputs(cg.model)[0].name
+    batch = fixed_batch(cg.model)  # suffix inputs keep a fixed batch: the runtime pads the last chunk
     outputs = [o.name for o in cg.model.graph.output]
     use_suffix = suffix and transform is None
     dtypes = _tensor_dtypes(cg.model) if use_suffix else {}
@@ -297,7 +248,7 @@ def analyze(
         front = _frontier(cg.model, nodes)
         ok = use_suffix and all(o in {t for n in nodes for t in n.output} for o in outputs)
         ok = ok and all(
-            f in cg.shapes and len(cg.shapes[f]) >= 2 and cg.shapes[f][0] is None and all(d is not None for d in cg.shapes[f][1:])
+            f in cg.shapes and len(cg.shapes[f]) >= 2 and cg.shapes[f][0] in (None, batch) and all(d is not None for d in cg.shapes[f][1:])
             for f in front
         )
         size = sum(len(x) * int(np.prod(cg.shapes[f][1:])) * 4 for f in front) if ok else 0
@@ -326,7 +277,7 @@ def analyze(
             cache = {}
             feeds_needed = [f for f in want if f != input_name]
             if feeds_needed:
-                vals = runner.run(_with_outputs(cg.model, feeds_needed), {input_name: x}, feeds_needed)
+                vals = runner.run(cg.model, {input_name: x}, feeds_needed)
                 cache.update(zip(feeds_needed, vals))
             cache[input_name] = x
             evals += 1
@@ -342,7 +293,7 @@ def analyze(
                 pruned = transform(pruned, mask)
             if ok:
                 feeds, shapes = _select_feeds(cg, mask, front, selects[g.id], cache)
-                sm = _suffix_model(pruned, {n.name for n in nodes}, front, shapes, dtypes)
+                sm = suffix_model(pruned, {n.name for n in nodes}, front, shapes, dtypes, batch=batch)
                 outs = runner.run(sm, feeds)
                 suffix_evals += 1
             else:
@@ -361,38 +312,18 @@ def analyze(
 
 
 def curves_to_rows(cg: ChannelGraph, curves: SensitivityCurves) -> list[dict]:
-    """One row per group and ratio: for CSV/JSON output."""
+    """One row per group and ratio for CSV/JSON output; the drop in points (percentage points of the
+    metric, as in the table and plot): ``{"group", "producer", "channels", "ratio", "drop_points"}``."""
     rows = []
     for g in cg.prunable_groups:
         for r, d in zip(curves.ratios, curves.drops.get(g.id, ())):
-            rows.append({"group": g.id, "producer": g.producers[0], "channels": g.channels, "ratio": r, "drop": d})
+            rows.append({"group": g.id, "producer": g.producers[0], "channels": g.channels, "ratio": r, "drop_points": round(100 * d, 6)})
     return rows
 
 
-def plot(cg: ChannelGraph, curves: SensitivityCurves, path: str | Path) -> None:
-    """PNG: metric drop vs ratio, one curve per group (needs matplotlib)."""
-    try:
-        import matplotlib
+def plot(cg: ChannelGraph, curves: SensitivityCurves, path: str | Path, *, calibration: str = "without calibration", chosen=None) -> None:
+    """PNG: metric drop (points) vs ratio per prunable group, curves or (many groups) a heatmap; see
+    :func:`onnxprune.plots.sensitivity_png` (needs matplotlib). ``calibration`` goes into the title."""
+    from .plots import sensitivity_png
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        from .errors import MissingDependencyError
-
-        raise MissingDependencyError("the sensitivity plot needs matplotlib", fix="pip install 'onnxprune[plot]' or omit --plot") from None
-    from .graph import atomic_path
-
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for g in cg.prunable_groups:
-        if g.id in curves.drops:
-            ax.plot(curves.ratios, [100 * d for d in curves.drops[g.id]], marker=".", label=f"{g.id} {g.producers[0]}"[:40])
-    ax.set_xlabel("ratio of the group's channels removed")
-    ax.set_ylabel(f"{curves.metric} drop (points)")
-    ax.set_title(f"Sensitivity per channel group (baseline {curves.metric} {100 * curves.baseline:.2f}%)")
-    ax.grid(alpha=0.3)
-    if len(cg.prunable_groups) <= 20:
-        ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    sensitivity_png(cg.prunable_groups, curves, path, calibration=calibration, chosen=chosen)
