@@ -112,16 +112,18 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 from .errors import DataError, UsageError, VerificationError
-from .graph import GraphIndex, opset_version
+from .extract import has_subgraphs, needed_nodes, prefix, subgraph
 from .fold import Params, fold, out_axis
+from .graph import GraphIndex, opset_version
 from .groups import ChannelGraph
+from .runtime import Runner, check_batch_size, data_inputs, fixed_batch
 
 log = logging.getLogger(__name__)
 
@@ -177,73 +179,6 @@ class CalibrationResult:
         return text
 
 
-# --------------------------------------------------------------------------- running ORT
-class _Runner:
-    def __init__(self, device: str, batch_size: int, threads: int | None):
-        from .evaluate import resolve_providers
-
-        import onnxruntime as ort
-
-        self.ort = ort
-        self.providers = resolve_providers(device)
-        self.batch = int(batch_size)
-        self.opts = ort.SessionOptions()
-        self.opts.log_severity_level = 3
-        if threads:
-            self.opts.intra_op_num_threads = int(threads)
-
-    def session(self, model: onnx.ModelProto):
-        return self.ort.InferenceSession(model.SerializeToString(), self.opts, providers=self.providers)
-
-    def batches(self, model: onnx.ModelProto, x: np.ndarray, outputs: Sequence[str]):
-        """Yield the requested outputs batch by batch."""
-        sess = self.session(model)
-        name = sess.get_inputs()[0].name
-        for s in range(0, len(x), self.batch):
-            yield sess.run(list(outputs), {name: np.ascontiguousarray(x[s : s + self.batch])})
-
-    def run(self, model: onnx.ModelProto, x: np.ndarray, outputs: Sequence[str]) -> list[np.ndarray]:
-        parts = [[] for _ in outputs]
-        for outs in self.batches(model, x, outputs):
-            for p, o in zip(parts, outs):
-                p.append(o)
-        return [np.concatenate(p) for p in parts]
-
-
-def _has_subgraphs(model: onnx.ModelProto) -> bool:
-    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in model.graph.node for a in n.attribute)
-
-
-def _prefix(model: onnx.ModelProto, outputs: Sequence[str]) -> onnx.ModelProto:
-    """The nodes of ``model`` needed for ``outputs``, which become its only graph outputs.
-
-    Graphs with subgraphs (If/Loop) are kept whole: their outer-scope reads
-    are not node inputs.
-    """
-    g = model.graph
-    keep = list(g.node)
-    if not _has_subgraphs(model):
-        need = set(outputs)
-        keep = []
-        for node in reversed(g.node):
-            if any(o in need for o in node.output):
-                keep.append(node)
-                need.update(i for i in node.input if i)
-        keep.reverse()
-    used = {i for n in keep for i in n.input}
-    inits = [t for t in g.initializer if t.name in used]
-    init_names = {t.name for t in g.initializer}
-    graph = helper.make_graph(
-        keep,
-        g.name,
-        [i for i in g.input if i.name not in init_names or i.name in used],
-        [onnx.ValueInfoProto(name=o) for o in outputs],
-        initializer=inits,
-        value_info=list(g.value_info),
-    )
-    return helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
-
-
 class _Moments:
     """Streaming per-channel sums (float64) over every axis except ``axis``."""
 
@@ -277,8 +212,9 @@ class _ActivationCache:
     subgraphs), each target runs from the model input, batch by batch.
     """
 
-    def __init__(self, runner: _Runner, x: np.ndarray, input_name: str, budget: float):
+    def __init__(self, runner: Runner, x: np.ndarray, input_name: str, budget: float, batch: int | None = None):
         self.runner, self.x, self.input_name, self.budget = runner, x, input_name, budget
+        self.batch = batch  # the model's fixed batch (declared on segment inputs so the runtime pads), or None
         self.cache: dict[str, np.ndarray] = {input_name: x}
         self.done: set[str] = set()
         self.enabled = budget > 0
@@ -291,51 +227,35 @@ class _ActivationCache:
         if tensor in self.cache:
             mo.add(self.cache[tensor])
             return mo
-        if self.enabled and not _has_subgraphs(model):
+        if self.enabled and not has_subgraphs(model):
             got = self._segment_moments(model, tensor, axis)
             if got is not None:
                 return got
-        for (v,) in self.runner.batches(_prefix(model, [tensor]), self.x, [tensor]):
+        for _, (v,) in self.runner.batches(prefix(model, [tensor]), self.x, [tensor]):
             mo.add(v)
         return mo
 
     def _segment_moments(self, model: onnx.ModelProto, tensor: str, axis: int) -> _Moments | None:
         g = model.graph
-        inits = {t.name for t in g.initializer}
-        avail = set(self.cache)
-        need, keep = {tensor}, []
-        for node in reversed(g.node):
-            if any(o in need for o in node.output if o):
-                keep.append(node)
-                need.update(i for i in node.input if i and i not in avail and i not in inits)
-        keep.reverse()
+        keep = needed_nodes(model, [tensor], available=self.cache)
         names = {n.name for n in keep}
         users: dict[str, set] = {}
         for n in g.node:
             for i in n.input:
                 users.setdefault(i, set()).add(n.name)
-        feeds = [i for i in dict.fromkeys(i for n in keep for i in n.input) if i in avail]
+        feeds = [i for i in dict.fromkeys(i for n in keep for i in n.input) if i in self.cache]
         later = [o for n in keep for o in n.output if o and o != tensor and users.get(o, set()) - names - self.done]
         outs = [tensor, *later]
-        used = {i for n in keep for i in n.input}
-        graph = helper.make_graph(
-            keep,
-            g.name + "_segment",
-            [helper.make_tensor_value_info(f, helper.np_dtype_to_tensor_dtype(self.cache[f].dtype), [None, *self.cache[f].shape[1:]]) for f in feeds],
-            [onnx.ValueInfoProto(name=o) for o in outs],
-            initializer=[t for t in g.initializer if t.name in used],
-        )
-        seg = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
-        sess = self.runner.session(seg)
+        inputs = {f: (helper.np_dtype_to_tensor_dtype(self.cache[f].dtype), [self.batch, *self.cache[f].shape[1:]]) for f in feeds}
+        seg = subgraph(model, keep, inputs, outs)
         mo = _Moments(axis)
         parts: list[list[np.ndarray]] = [[] for _ in outs]
-        n, b = len(self.x), self.runner.batch
-        for start in range(0, n, b):
-            vals = sess.run(outs, {f: self.cache[f][start : start + b] for f in feeds})
+        n = len(self.x)
+        for k, (_, vals) in enumerate(self.runner.batches(seg, {f: self.cache[f] for f in feeds}, outs)):
             mo.add(vals[0])
             for p, v in zip(parts, vals):
                 p.append(v)
-            if start == 0:
+            if k == 0:
                 per_sample = sum(v.nbytes for v in vals) / max(len(vals[0]), 1)
                 if self.nbytes() + per_sample * n > self.budget:
                     log.debug("activation cache over budget at '%s': running from the input from now on", tensor)
@@ -376,6 +296,9 @@ class Calibrator:
 
         cal = Calibrator(cg, x)
         analyze(cg, scores, evaluator, transform=cal.transform())
+
+    Implements the recovery protocol (:mod:`onnxprune.recovery`) with the
+    ``method`` given here: ``recover(mask, pruned)``, ``transform()``.
     """
 
     def __init__(
@@ -383,30 +306,25 @@ class Calibrator:
         cg: ChannelGraph,
         x: np.ndarray,
         *,
+        method: str = "both",
+        affine_outputs: bool = True,
         batch_size: int = 64,
         device: str = "cpu",
         threads: int | None = None,
         progress: Progress | None = None,
     ):
+        if method not in METHODS:
+            raise UsageError(f"unknown calibration method '{method}'", fix=f"use one of {', '.join(METHODS)}")
+        self.method, self.affine_outputs = method, bool(affine_outputs)
         self.cg = cg
         self.x = _check_x(cg.model, x)
-        if isinstance(batch_size, bool) or int(batch_size) < 1:
-            raise UsageError(f"batch size {batch_size} is not positive", fix="pass --batch-size 1 or more")
-        fixed = _fixed_batch(cg.model)
-        if fixed:  # a model exported with a fixed batch runs that many samples at a time
-            batch_size = fixed
-            if len(self.x) % fixed:
-                log.info("calibration uses %d of %d samples (the model's batch is fixed at %d)", len(self.x) // fixed * fixed, len(self.x), fixed)
-                self.x = self.x[: len(self.x) // fixed * fixed]
-            if len(self.x) == 0:
-                raise DataError(f"calibration needs at least {fixed} samples (the model's fixed batch size)", fix="pass more samples")
-        self.runner = _Runner(device, batch_size, threads)
+        # a fixed-batch model runs its batch at a time; the runtime pads the last chunk and trims its outputs
+        self.runner = Runner(device=device, batch_size=check_batch_size(batch_size), threads=threads)
         self.nodes = {n.name: n for n in cg.model.graph.node}
         self.index = GraphIndex(cg.model)
         self.compute = {c.node: c for c in cg.compute if self.nodes[c.node].op_type in _COMPUTE}
         self.outputs = [o.name for o in cg.model.graph.output]
-        inits = {t.name for t in cg.model.graph.initializer}
-        self.input_name = next(i.name for i in cg.model.graph.input if i.name not in inits)
+        self.input_name = data_inputs(cg.model)[0].name
         self._original_pass(progress)
 
     # ---- statistics of the original model
@@ -425,12 +343,12 @@ class Calibrator:
         moments_axes = self._candidates()
         mean_inputs = sorted({self.nodes[c].input[0] for c, cm in self.compute.items() if cm.in_atoms is not None})
         names = list(dict.fromkeys([*self.outputs, *moments_axes, *mean_inputs]))
-        model = _prefix(self.cg.model, names)
+        model = prefix(self.cg.model, names)
         moments = {t: _Moments(a) for t, a in moments_axes.items()}
         sums: dict[str, np.ndarray] = {}
         ref: dict[str, list] = {o: [] for o in self.outputs}
         n = len(self.x)
-        for k, outs in enumerate(self.runner.batches(model, self.x, names)):
+        for done, outs in self.runner.batches(model, self.x, names):
             vals = dict(zip(names, outs))
             for t, mo in moments.items():
                 mo.add(vals[t])
@@ -440,7 +358,7 @@ class Calibrator:
             for o in self.outputs:
                 ref[o].append(vals[o])
             if progress:
-                progress(min((k + 1) * self.runner.batch, n), n)
+                progress(done, n)
         self.orig_moments = {t: mo.mean_std() for t, mo in moments.items()}
         self.orig_mean_maps = {t: s / n for t, s in sums.items()}
         self.reference = [np.concatenate(ref[o]) for o in self.outputs]
@@ -485,8 +403,8 @@ class Calibrator:
         mask: np.ndarray,
         pruned: onnx.ModelProto,
         *,
-        method: str = "both",
-        affine_outputs: bool = True,
+        method: str | None = None,
+        affine_outputs: bool | None = None,
         max_scale: float = 100.0,
         memory_budget_mb: float = 1024,
         measure: bool = True,
@@ -497,6 +415,8 @@ class Calibrator:
         ``memory_budget_mb`` caps the activations kept between targets (see
         :class:`_ActivationCache`); above it each target runs from the input.
         """
+        method = self.method if method is None else method
+        affine_outputs = self.affine_outputs if affine_outputs is None else affine_outputs
         if method not in METHODS:
             raise UsageError(f"unknown calibration method '{method}'", fix=f"use one of {', '.join(METHODS)}")
         t0 = time.perf_counter()
@@ -516,7 +436,7 @@ class Calibrator:
             done += 1
             if progress:
                 progress(done, total)
-        acts = _ActivationCache(self.runner, self.x, self.input_name, memory_budget_mb * 2**20)
+        acts = _ActivationCache(self.runner, self.x, self.input_name, memory_budget_mb * 2**20, fixed_batch(self.cg.model))
         for tg in targets:
             layer = self._match(m, params, nodes[tg.node], tg, kept, max_scale, acts)
             if layer is not None:
@@ -529,8 +449,14 @@ class Calibrator:
         log.info("calibration (%s): %d consumers, %d targets, %.2fs", method, len(consumers), len(targets), seconds)
         return CalibrationResult(m, method, len(self.x), seconds, tuple(layers), before, after)
 
-    def transform(self, *, method: str = "both", affine_outputs: bool = True) -> Callable[[onnx.ModelProto, np.ndarray], onnx.ModelProto]:
-        """``fn(pruned, mask) -> calibrated model`` for ``sensitivity.analyze(transform=...)``."""
+    def recover(self, mask: np.ndarray, pruned: onnx.ModelProto, *, progress: Progress | None = None) -> CalibrationResult:
+        """The recovery protocol: :meth:`calibrate` with the constructor's ``method``."""
+        return self.calibrate(mask, pruned, method=self.method, affine_outputs=self.affine_outputs, progress=progress)
+
+    def transform(self, *, method: str | None = None, affine_outputs: bool | None = None) -> Callable[[onnx.ModelProto, np.ndarray], onnx.ModelProto]:
+        """``fn(pruned, mask) -> calibrated model`` for ``sensitivity.analyze(transform=...)`` (default: the constructor's method)."""
+        method = self.method if method is None else method
+        affine_outputs = self.affine_outputs if affine_outputs is None else affine_outputs
 
         def fn(pruned: onnx.ModelProto, mask: np.ndarray) -> onnx.ModelProto:
             return self.calibrate(mask, pruned, method=method, affine_outputs=affine_outputs, measure=False).model
@@ -581,12 +507,12 @@ class Calibrator:
             initializer=[numpy_helper.from_array(w.astype(np.float32), "w")],
         )
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset_version(self.cg.model))], ir_version=self.cg.model.ir_version)
-        return self.runner.session(model).run(["y"], {"x": inp})[0]
+        return self.runner.session(model).run_once({"x": inp}, ["y"])[0]
 
     def _match(self, m, params: Params, node, tg: _Target, kept, max_scale: float, acts: _ActivationCache | None = None) -> LayerCalibration | None:
         """Step 2 for one target: match per-channel mean/std of its output to the original."""
         axis = self.cg.tensor_maps[tg.tensor][0] if tg.tensor in self.cg.tensor_maps else 1
-        acts = acts or _ActivationCache(self.runner, self.x, self.input_name, 0)
+        acts = acts or _ActivationCache(self.runner, self.x, self.input_name, 0, fixed_batch(self.cg.model))
         mo = acts.moments(m, tg.tensor, axis)
         mu_p, sd_p = mo.mean_std()
         mu_o, sd_o = self.orig_moments[tg.tensor]
@@ -613,22 +539,11 @@ def _bn_foldable(node: onnx.NodeProto, idx: GraphIndex) -> bool:
     return len(node.input) >= 5 and all(idx.const(n) is not None for n in node.input[1:5])
 
 
-def _fixed_batch(model: onnx.ModelProto) -> int | None:
-    inits = {t.name for t in model.graph.initializer}
-    for i in model.graph.input:
-        if i.name not in inits:
-            dims = i.type.tensor_type.shape.dim
-            if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
-                return int(dims[0].dim_value)
-    return None
-
-
 def _check_x(model: onnx.ModelProto, x) -> np.ndarray:
     """``x`` as the model input wants it (float32 cast from float64), or DataError with the fix."""
     from .data import Dataset, check_against_model
 
-    inits = {t.name for t in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in inits]
+    inputs = data_inputs(model)
     if len(inputs) != 1:
         raise UsageError(
             f"calibration needs a model with one input, this one has {len(inputs)}",
@@ -694,7 +609,7 @@ def calibrate(
 
     Example: ``model = calibrate(cg, mask, apply_mask(cg, mask), x_calib).model``
     """
-    cal = Calibrator(cg, x, batch_size=batch_size, device=device, threads=threads)
+    cal = Calibrator(cg, x, method=method, batch_size=batch_size, device=device, threads=threads)
     return cal.calibrate(
         mask, pruned, method=method, affine_outputs=affine_outputs, memory_budget_mb=memory_budget_mb, measure=measure, progress=progress
     )

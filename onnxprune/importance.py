@@ -12,6 +12,11 @@ the positions that carry the same unit, and summed over the nodes of a group
 * ``bn``: ``|gamma_j|`` of BatchNormalization nodes on the group's channels;
   groups without such a node fall back to ``l1`` (logged).
 * ``random``: uniform noise (seeded), a baseline.
+* ``recon``: by how well the consumers' outputs can be rebuilt without the
+  channel: greedy removal with least-squares refit of the kept inputs, on
+  sampled rows of unlabeled samples ``data`` (:mod:`onnxprune.recon_criterion`;
+  ThiNet's greedy without refit is ``rule="thinet"`` there). Needs ``data``;
+  groups without a usable consumer fall back to ``l1``.
 
 Example: ``scores = score_units(cg, "l1")``.
 """
@@ -30,7 +35,8 @@ from .tensors import release_freed_memory
 
 log = logging.getLogger(__name__)
 
-CRITERIA = ("l1", "l2", "fpgm", "bn", "random")
+CRITERIA = ("l1", "l2", "fpgm", "bn", "random", "recon")
+DATA_CRITERIA = ("recon",)  # need samples (score_units(..., data=x))
 
 
 def _out_axis(node: onnx.NodeProto) -> int:
@@ -129,11 +135,17 @@ def _bn_scores(cg: ChannelGraph) -> tuple[np.ndarray, np.ndarray]:
     return acc, seen
 
 
-def score_units(cg: ChannelGraph, criterion: str = "l1", *, seed: int = 0) -> np.ndarray:
-    """Importance of every unit (array of length ``cg.n_units``)."""
+def score_units(cg: ChannelGraph, criterion: str = "l1", *, seed: int = 0, data: np.ndarray | None = None, device: str = "cpu") -> np.ndarray:
+    """Importance of every unit (array of length ``cg.n_units``); ``data``: unlabeled samples, for ``recon``."""
     criterion = criterion.lower()
     if criterion not in CRITERIA:
         raise UsageError(f"unknown criterion '{criterion}'", fix=f"use one of {', '.join(CRITERIA)} with --criterion")
+    if criterion == "recon":
+        if data is None or len(data) < 2:
+            raise UsageError("criterion recon chooses channels from samples, and none were given", fix="pass --data or --calib-data, or use --criterion l1")
+        from .recon_criterion import recon_scores
+
+        return recon_scores(cg, data, _weight_scores(cg, "l1")[0], seed=seed, device=device)
     if criterion == "random":
         return np.random.default_rng(seed).random(cg.n_units)
     if criterion == "bn":

@@ -1,68 +1,95 @@
-"""Least-squares reconstruction of the layers that lost input channels (no training).
+"""Least-squares reconstruction of pruned layers (no training).
 
-After pruning, a *consumer* (a Conv with ``group == 1``, a Gemm, or a MatMul
-with a constant weight, reading at least one removed channel) sees fewer
-inputs. Bias compensation and affine re-normalization (:mod:`.calibrate`)
-fix the first two moments of its output; reconstruction re-fits the whole
-layer: with unlabeled samples it solves, per consumer, for the weights on the
-*kept* inputs that best reproduce the original layer's output
+After pruning, a *consumer* (a Conv of any ``group``, ConvTranspose, Gemm, or
+MatMul with a constant weight, reading at least one removed channel) sees
+fewer inputs. Reconstruction re-fits it: with unlabeled samples it solves for
+the weights on the *kept* inputs that best reproduce the original model's
+output of the same node (kept output channels)
 
-    min_{W', b'}  sum_rows || Y_orig[row] - (W' x_pruned[row] + b') ||^2 + lam ||W'||^2
+    min_{W', b'}  sum_rows || Y_orig[row] - (W' x[row] + b') ||^2 + lam ||W'||^2
 
-where a row is one sample at one output position, ``x_pruned[row]`` is the
-flattened receptive field (``C_kept * kh * kw`` values, zero padding included)
-read from the pruned model *as it is so far* (consumers are processed in graph
-order, so each one also corrects the error of the layers upstream of it), and
-``Y_orig[row]`` is the original model's output of the same node at the same
-position, for the output channels the node keeps. This is the feature-map
-reconstruction of He et al., "Channel pruning for accelerating very deep neural
-networks" (ICCV 2017) and Luo et al., ThiNet (ICCV 2017), without their channel
-selection: the channels come from the pruning plan.
+independently per convolution group (:mod:`onnxprune.layerfit`: a grouped conv
+is ``G`` small systems, a depthwise conv or an explicit BatchNormalization one
+per channel). This is the feature-map reconstruction of He et al. (ICCV 2017)
+and ThiNet (Luo et al., ICCV 2017); the channels come from the pruning plan
+(or from :func:`onnxprune.importance.score_units` with ``criterion="recon"``,
+which picks them by the same reconstruction error).
 
-The normal equations are accumulated batch by batch in float64 over
-``rows`` randomly sampled rows (``G = A^T A``, ``A^T Y``; ``A`` has a column of
-ones for the bias), so memory is ``O(features^2)``, not ``O(rows * features)``.
-``lam = ridge * mean(diag(G))`` keeps the solve well-posed when inputs are
-collinear; the bias is not regularized. Every fifth sample is held out: the
-weights fitted on the others are applied only if they also bring the held-out
-rows closer to the original (then the fit is redone on all rows), so a layer
-with more weights than its samples can pin down (a Gemm after a large Flatten
-with few samples) keeps its weights instead of over-fitting.
+**Modes** (``mode=``):
 
-Exactness: if a removed channel is a linear combination of kept channels (e.g.
-a duplicated filter), the original output is reachable and the solution
-reproduces it (up to the ridge term). An unpruned model has no consumers and is
-returned unchanged.
+* ``"sequential"``: layers in graph order; ``x[row]`` is read from
+  the pruned model *as fitted so far*, so each fit also absorbs the error of
+  the layers upstream of it.
+* ``"layerwise"``: ``x[row]`` is the *original* model's input at the kept
+  channels; every layer is fitted alone, in one pass of the original model.
+* ``"blockwise"`` (default): as sequential, but a conv whose only reader is a
+  residual ``Add`` is fitted to reproduce the original *Add output* minus the
+  pruned model's other Add input (the shortcut): the block's output, not the
+  conv's, so the last conv of a block also absorbs the shortcut's error.
+  Same cost as sequential; equal to it on nets without residual Adds.
+  Measured in ``benchmarks/results/recovery_modes.md``.
 
-Cost: passes of the original model for the sampled targets (one when they
-fit ``target_budget_mb``, else one per run of layers that fits), then for each
-consumer a pass of the pruned model up to that consumer's input, on
-``max_samples`` samples. Memory: the targets of one run of layers plus one
-``features x features`` normal matrix.
+``scope="affected"`` also re-fits every Conv/Gemm/MatMul/BatchNormalization
+downstream of a consumer (depthwise convs, layers whose inputs were not pruned
+but changed); ``"consumers"`` (default) only the consumers.
+
+**Rows.** A row is one sample at one output position. Per layer, ``R =
+max(rows, 2 * (F + 1))`` rows (``F`` features per group) are drawn as ``k =
+ceil(R / N)`` output positions per sample, uniformly without replacement (all
+positions if fewer), seeded per layer; the same positions are read from the
+original model (targets) and the pruned model (inputs). Every fifth sample is
+held out: fitted weights are applied (per group) only where they also bring
+the held-out rows closer to the original, then refitted on all rows (systems
+of up to 1,024 unknowns; larger ones keep the fit on four fifths of the rows,
+which saves a solve that costs more than the rows it adds); a fit that is not
+better than the current weights is not applied.
+
+**Cost.** One pass of the original model for all targets (their sampled rows,
+float16 above ``target_budget_mb``), then one pass of the pruned model
+through :class:`onnxprune.activations.Stream` (each node runs once; the
+tensors later nodes read are kept for all samples, float16 above
+``memory_budget_mb``), and per layer ``A^T A`` over its ``R`` rows with BLAS
+plus one or two solves of ``F + 1`` unknowns per group. Time and memory grow
+linearly with the samples; the fits themselves do not depend on them.
+
+Exactness: if a removed channel is a linear combination of kept channels of
+the same group (e.g. a duplicated filter), the original output is reachable
+and the solution reproduces it (up to the ridge term). An unpruned model has
+no consumers and is returned unchanged.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import onnx
 
-from .calibrate import _check_x, _fixed_batch, _prefix, _Runner, _working_copy
+from .activations import Stream
+from .calibrate import _check_x, _working_copy
 from .errors import UsageError
-from .fold import Params, _set_float_attr, fold
-from .graph import GraphIndex, attr
+from .fold import Params
 from .groups import ChannelGraph
+from .layerfit import Layer, Normal, current, describe, gather, input_rows, output_rows, write
+from .recon_targets import OriginalPass
+from .runtime import Runner
 
 log = logging.getLogger(__name__)
 
+MODES = ("sequential", "layerwise", "blockwise")
+SCOPES = ("consumers", "affected")
+_COMPUTE = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+Progress = Callable[[int, int], None]
+REFIT_FEATURES = 1024  # systems up to this size are solved again on all rows after the held-out check
+
+
 @dataclass(frozen=True)
 class LayerFit:
-    """Reconstruction of one consumer: relative output error (sampled rows) before and after,
-    or why it was skipped."""
+    """Reconstruction of one layer: relative output error (sampled rows) before and after, or why it was skipped."""
 
     node: str
     features: int
@@ -70,6 +97,8 @@ class LayerFit:
     error_before: float = float("nan")
     error_after: float = float("nan")
     skipped: str | None = None
+    groups: int = 1
+    groups_fitted: int = 0
 
     @property
     def applied(self) -> bool:
@@ -82,6 +111,9 @@ class ReconstructionResult:
     layers: tuple[LayerFit, ...]
     samples: int
     seconds: float
+    mode: str = "blockwise"
+    timings: dict = field(default_factory=dict, compare=False)  # seconds per phase: picks, targets, activations, normals, fit (solves)
+    cache_peak_mb: float = 0.0
 
     method = "reconstruct"
 
@@ -93,338 +125,241 @@ class ReconstructionResult:
         after = np.median([f.error_after for f in done])
         skipped = len(self.layers) - len(done)
         return (
-            f"reconstructed {len(done)} layers on {self.samples} samples in {self.seconds:.1f}s, "
+            f"reconstructed {len(done)} layers ({self.mode}) on {self.samples} samples in {self.seconds:.1f}s, "
             f"median layer output error {before:.3f} -> {after:.3f}" + (f"; {skipped} skipped" if skipped else "")
         )
 
 
-@dataclass(frozen=True)
-class _Layer:
-    node: str
-    op: str
-    x: str  # input tensor (pruned model)
-    y: str  # output tensor
-    keep_out: np.ndarray  # kept output channels (original numbering)
-    kernel: tuple[int, ...] = ()
-    strides: tuple[int, ...] = ()
-    pads: tuple[int, ...] = ()  # begin..., end...
-    dilations: tuple[int, ...] = ()
-
-
-class _Rows:
-    """Sampled rows of one consumer: (sample, output position) pairs, chosen per batch."""
-
-    def __init__(self, n_rows: int, n_samples: int, seed: int):
-        self.per_sample = max(1, -(-n_rows // n_samples))
-        self.rng = np.random.default_rng(seed)
-        self.picks: list[np.ndarray] = []  # per batch: flat output-position indices, shape (b, per_sample)
-
-    def pick(self, b: int, positions: int) -> np.ndarray:
-        k = min(self.per_sample, positions)
-        idx = np.argsort(self.rng.random((b, positions)), axis=1)[:, :k] if positions > k else np.tile(np.arange(positions), (b, 1))
-        self.picks.append(idx)
-        return idx
-
-
-def _pads(node: onnx.NodeProto, in_hw: Sequence[int], k: Sequence[int], s: Sequence[int], d: Sequence[int]) -> tuple[int, ...]:
-    mode = attr(node, "auto_pad", b"NOTSET")
-    mode = mode.decode() if isinstance(mode, bytes) else mode
-    if mode in ("NOTSET", ""):
-        p = list(attr(node, "pads", [0] * (2 * len(k))))
-        return tuple(int(v) for v in p)
-    if mode == "VALID":
-        return (0,) * (2 * len(k))
-    begin, end = [], []
-    for n, kk, ss, dd in zip(in_hw, k, s, d):
-        out = -(-n // ss)
-        total = max((out - 1) * ss + (kk - 1) * dd + 1 - n, 0)
-        small, big = total // 2, total - total // 2
-        begin.append(big if mode == "SAME_LOWER" else small)
-        end.append(small if mode == "SAME_LOWER" else big)
-    return tuple(begin + end)
-
-
-def _patches(x: np.ndarray, layer: _Layer, picks: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
-    """Receptive fields of ``x`` (b, C, H, W) at the picked output positions -> (b * k, C * kh * kw)."""
-    (kh, kw), (sh, sw), (dh, dw) = layer.kernel, layer.strides, layer.dilations
-    pt, pl, pb, pr = layer.pads
-    xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
-    b, k = picks.shape
-    oi, oj = np.divmod(picks, out_hw[1])
-    n = np.repeat(np.arange(b), k)
-    oi, oj = oi.reshape(-1), oj.reshape(-1)
-    taps = [xp[n, :, oi * sh + a * dh, oj * sw + c * dw] for a in range(kh) for c in range(kw)]  # each (rows, C)
-    return np.stack(taps, axis=2).reshape(len(n), -1)  # column order: channel, then (kh, kw): the weight layout
-
-
-class _Normal:
-    """Normal equations ``G = A^T A``, ``R = A^T Y`` and ``|Y|^2`` accumulated over rows (float64)."""
-
-    def __init__(self, gram=None, rhs=None, y2: float = 0.0, n: int = 0):
-        self.gram, self.rhs, self.y2, self.n = gram, rhs, y2, n
-
-    def add(self, a: np.ndarray, y: np.ndarray) -> None:
-        g, r = a.T @ a, a.T @ y
-        self.gram = g if self.gram is None else self.gram + g
-        self.rhs = r if self.rhs is None else self.rhs + r
-        self.y2 += float(np.sum(y * y))
-        self.n += len(a)
-
-    def both(self, other: "_Normal") -> "_Normal":
-        return _Normal(self.gram + other.gram, self.rhs + other.rhs, self.y2 + other.y2, self.n + other.n)
-
-    def error(self, sol: np.ndarray) -> float:
-        """Relative error ``|A sol - Y| / |Y|`` from the accumulated sums."""
-        sq = self.y2 - 2 * float(np.sum(sol * self.rhs)) + float(np.sum(sol * (self.gram @ sol)))
-        return float(np.sqrt(max(sq, 0.0) / max(self.y2, 1e-30)))
-
-
 class Reconstructor:
-    """Fits consumers of pruned channels; see the module docstring."""
+    """Fits the layers of pruned versions of ``cg.model`` on samples ``x``; see the module docstring.
+
+    Implements the recovery protocol (:mod:`onnxprune.recovery`): ``recover(mask, pruned)``
+    returns a result whose ``.model`` is the recovered model; ``transform()`` gives the
+    function :func:`onnxprune.sensitivity.analyze` applies to every pruned variant.
+    """
+
+    method = "reconstruct"
 
     def __init__(
         self,
         cg: ChannelGraph,
         x: np.ndarray,
         *,
-        rows: int = 16384,
+        rows: int = 8192,
         ridge: float = 1e-3,
-        max_samples: int = 512,
+        max_samples: int = 1024,
         batch_size: int = 64,
         device: str = "cpu",
         threads: int | None = None,
         seed: int = 0,
-        target_budget_mb: float = 256,
+        mode: str = "blockwise",
+        scope: str = "consumers",
+        target_budget_mb: float = 512,
+        memory_budget_mb: float = 4096,
     ):
         if rows < 1 or ridge < 0 or max_samples < 2:
             raise UsageError("reconstruction needs rows >= 1, ridge >= 0 and max_samples >= 2", fix="use the defaults")
+        if mode not in MODES:
+            raise UsageError(f"unknown reconstruction mode '{mode}'", fix=f"use one of {', '.join(MODES)}")
+        if scope not in SCOPES:
+            raise UsageError(f"unknown reconstruction scope '{scope}'", fix=f"use one of {', '.join(SCOPES)}")
         self.cg = cg
         self.x = _check_x(cg.model, x)[:max_samples]
         self.rows, self.ridge, self.seed = int(rows), float(ridge), int(seed)
+        self.mode, self.scope = mode, scope
         self.target_budget = float(target_budget_mb) * 2**20
-        fixed = _fixed_batch(cg.model)
-        if fixed:  # a model exported with a fixed batch runs that many samples at a time
-            batch_size = fixed
-            self.x = self.x[: len(self.x) // fixed * fixed]
-        self.runner = _Runner(device, batch_size, threads)
-        self.index = GraphIndex(cg.model)
+        self.memory_budget = float(memory_budget_mb) * 2**20
+        self.batch = int(batch_size)
+        # a fixed-batch model runs its batch at a time; the runtime pads the last chunk and trims its outputs
+        self.runner = Runner(device=device, batch_size=batch_size, threads=threads)
         self.compute = {c.node: c for c in cg.compute}
+        self.nodes = {n.name: n for n in cg.model.graph.node}
 
     # ---- which layers
-    def _layers(self, kept) -> tuple[list[_Layer], list[LayerFit]]:
-        layers, skipped = [], []
+    def _candidates(self, kept) -> list[str]:
+        consumers = [n.name for n in self.cg.model.graph.node if self._is_consumer(n.name, kept)]
+        if self.scope == "consumers":
+            return consumers
+        start, tainted, out = set(consumers), set(), []
         for node in self.cg.model.graph.node:
-            cm = self.compute.get(node.name)
-            if cm is None or cm.in_atoms is None or kept(cm.in_atoms).all():
-                continue
-            reason = self._unsupported(node)
-            if reason:
-                skipped.append(LayerFit(node.name, 0, 0, skipped=reason))
-                continue
-            keep_out = np.flatnonzero(kept(cm.out_atoms))
-            if node.op_type == "Conv":
-                shape = self.cg.shapes.get(node.input[0])
-                w = self.index.const(node.input[1])
-                k = tuple(int(v) for v in w.shape[2:])
-                s = tuple(int(v) for v in attr(node, "strides", [1] * len(k)))
-                d = tuple(int(v) for v in attr(node, "dilations", [1] * len(k)))
-                pads = _pads(node, shape[2:], k, s, d)
-                layers.append(_Layer(node.name, "Conv", node.input[0], node.output[0], keep_out, k, s, pads, d))
-            else:
-                layers.append(_Layer(node.name, node.op_type, node.input[0], node.output[0], keep_out))
-        return layers, skipped
-
-    def _unsupported(self, node: onnx.NodeProto) -> str | None:
-        op = node.op_type
-        w = self.index.const(node.input[1]) if len(node.input) > 1 else None
-        if w is None:
-            return "its weight is not a constant"
-        if op == "Conv":
-            if int(attr(node, "group", 1)) != 1:
-                return "grouped convolution (not reconstructed; calibration still applies)"
-            shape = self.cg.shapes.get(node.input[0])
-            if w.ndim != 4 or shape is None or len(shape) != 4 or any(not isinstance(v, int) or v <= 0 for v in shape[2:]):
-                return "only 2-D convolutions with known spatial size are reconstructed"
-            return None
-        if op == "Gemm":
-            c = self.index.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-            if int(attr(node, "transA", 0)):
-                return "Gemm with transA"
-            if c is not None and c.ndim == 2 and c.shape[0] != 1:
-                return "Gemm bias is not one value per output"
-            return None
-        if op == "MatMul":
-            shape = self.cg.shapes.get(node.input[0])
-            if w.ndim != 2 or shape is None or len(shape) != 2:
-                return "only MatMul of a 2-D input by a 2-D constant is reconstructed"
-            return None
-        return f"{op} is not reconstructed"
-
-    # ---- data
-    def _chunks(self, layers: list[_Layer]):
-        """``(index of the first layer, layers)`` runs whose sampled targets fit ``target_budget`` bytes."""
-        per_sample = max(1, -(-self.rows // len(self.x)))
-        chunk, first, size = [], 0, 0
-        for k, layer in enumerate(layers):
-            shape = self.cg.shapes.get(layer.y) or ()
-            positions = int(np.prod(shape[2:])) if layer.op == "Conv" and len(shape) > 2 and all(isinstance(v, int) for v in shape[2:]) else 1
-            nbytes = 4 * len(self.x) * min(per_sample, positions) * len(layer.keep_out)
-            if chunk and size + nbytes > self.target_budget:
-                yield first, chunk
-                chunk, first, size = [], k, 0
-            chunk.append(layer)
-            size += nbytes
-        if chunk:
-            yield first, chunk
-
-    def _targets(self, layers: list[_Layer], first: int = 0) -> dict[str, tuple[_Rows, list[np.ndarray]]]:
-        """One pass of the original model: sampled output rows (kept channels) of ``layers``."""
-        names = list(dict.fromkeys(layer.y for layer in layers))
-        model = _prefix(self.cg.model, names)
-        out: dict[str, tuple[_Rows, list[np.ndarray]]] = {}
-        for k, layer in enumerate(layers):
-            out[layer.node] = (_Rows(self.rows, len(self.x), self.seed + first + k), [])
-        for outs in self.runner.batches(model, self.x, names):
-            vals = dict(zip(names, outs))
-            for layer in layers:
-                rows, ys = out[layer.node]
-                y = vals[layer.y]
-                if layer.op == "Conv":
-                    b, c = y.shape[:2]
-                    flat = y.reshape(b, c, -1)
-                    idx = rows.pick(b, flat.shape[2])
-                    sel = np.take_along_axis(flat, idx[:, None, :], axis=2)  # (b, c, k)
-                    ys.append(sel.transpose(0, 2, 1).reshape(-1, c)[:, layer.keep_out])
-                else:  # one row per sample: nothing to pick
-                    ys.append(y[:, layer.keep_out])
+            if node.name in start or any(i in tainted for i in node.input):
+                tainted.update(o for o in node.output if o)
+                if node.op_type in (*_COMPUTE, "BatchNormalization"):
+                    out.append(node.name)
         return out
 
+    def _is_consumer(self, name: str, kept) -> bool:
+        cm = self.compute.get(name)
+        return cm is not None and cm.in_atoms is not None and not kept(cm.in_atoms).all() and self.nodes[name].op_type in _COMPUTE
+
+    def _layers(self, kept, m: onnx.ModelProto, params: Params) -> tuple[list[Layer], list[LayerFit]]:
+        pnodes = {n.name: n for n in m.graph.node}
+        readers: dict[str, list[onnx.NodeProto]] = {}
+        for n in self.cg.model.graph.node:
+            for i in n.input:
+                readers.setdefault(i, []).append(n)
+        position = {n.name: k for k, n in enumerate(self.cg.model.graph.node)}
+        layers, skipped, order = [], [], []
+        for name in self._candidates(kept):
+            node, pnode = self.nodes[name], pnodes[name]
+            target, side, pos = node.output[0], None, float(position[name])
+            users = readers.get(target, [])
+            if self.mode == "blockwise" and node.op_type == "Conv" and len(users) == 1 and users[0].op_type == "Add" and len(users[0].input) == 2:
+                add = users[0]
+                other = add.input[1] if add.input[0] == target else add.input[0]
+                if other != target and other in self.cg.tensor_maps and add.output[0] in self.cg.tensor_maps:
+                    target, side, pos = add.output[0], other, position[add.name] - 0.5
+            axis, keep = self._channels(target, node, kept)
+            got = describe(pnode, params.get(pnode, 1) if node.op_type != "BatchNormalization" else None, self.cg.shapes,
+                           target=target, target_axis=axis, target_keep=keep, side=side)  # fmt: skip
+            if isinstance(got, str):
+                skipped.append(LayerFit(name, 0, 0, skipped=got))
+                continue
+            layers.append(got)
+            order.append(pos)
+        return [layers[k] for k in np.argsort(order, kind="stable")], skipped
+
+    def _channels(self, tensor: str, node: onnx.NodeProto, kept) -> tuple[int, np.ndarray | None]:
+        shape = self.cg.shapes.get(tensor)
+        rank = len(shape) if shape else 2
+        if tensor in self.cg.tensor_maps:
+            axis, atoms = self.cg.tensor_maps[tensor]
+            return (-1 if axis == rank - 1 and axis != 1 else axis), np.flatnonzero(kept(atoms))
+        return (1 if node.op_type in ("Conv", "ConvTranspose", "BatchNormalization") else -1), None
+
+    def _features(self, layer: Layer, params: Params, m_nodes) -> int:
+        cur = current(params, m_nodes[layer.node], layer)
+        return int(cur.shape[1] - 1) if cur is not None else 0
+
+    def _picks(self, layer: Layer, features: int, k_layer: int) -> np.ndarray:
+        """Output positions per sample, ``(N, k)``: the rows of this layer (see the module docstring)."""
+        n, p = len(self.x), layer.positions
+        want = max(self.rows, 2 * (features + 1))
+        k = min(p, math.ceil(want / n))
+        if k == p:
+            return np.tile(np.arange(p, dtype=np.int64), (n, 1))
+        rng = np.random.default_rng([self.seed, k_layer])
+        return np.stack([rng.choice(p, k, replace=False) for _ in range(n)]).astype(np.int64)
+
     # ---- the fit
-    def run(self, mask: np.ndarray, pruned: onnx.ModelProto, *, progress=None) -> ReconstructionResult:
+    def recover(self, mask: np.ndarray, pruned: onnx.ModelProto, *, progress: Progress | None = None) -> ReconstructionResult:
+        """Re-fit the layers of ``pruned = apply_mask(cg, mask)``; returns a new model (inputs unchanged)."""
         t0 = time.perf_counter()
         kept, m = _working_copy(self.cg, mask, pruned)
-        layers, fits = self._layers(kept)
         params = Params(m)
-        nodes = {n.name: n for n in m.graph.node}
-        done = 0
-        for first, chunk in self._chunks(layers):  # original-model targets for a few layers at a time
-            targets = self._targets(chunk, first)
-            for layer in chunk:
-                fits.append(self._fit(m, params, nodes[layer.node], layer, *targets.pop(layer.node)))
-                done += 1
+        pnodes = {n.name: n for n in m.graph.node}
+        layers, fits = self._layers(kept, m, params)
+        features = {L.node: self._features(L, params, pnodes) for L in layers}
+        timings = {"picks": 0.0, "targets": 0.0, "activations": 0.0, "normals": 0.0, "fit": 0.0}
+        t = time.perf_counter()
+        picks = {L.node: self._picks(L, features[L.node], k) for k, L in enumerate(layers)}
+        timings["picks"] = time.perf_counter() - t
+        peak = 0.0
+        if layers:
+            normals = {L.node: (Normal(), Normal()) for L in layers} if self.mode == "layerwise" else None
+            t = time.perf_counter()
+            original = OriginalPass(self.cg, self.runner, self.x, batch=self.batch, target_budget=self.target_budget)
+            targets = original.sampled_targets(layers, picks) if normals is None else None
+            if targets is None:
+                targets = original.full_pass(layers, picks, kept, normals)
+            timings["targets"] = time.perf_counter() - t
+            stream = Stream(self.runner, m, self.x, budget_bytes=self.memory_budget) if normals is None else None
+            for done, L in enumerate(layers, 1):
+                if normals is None:
+                    t = time.perf_counter()
+                    vals = stream.get(m, [L.x] + ([L.side] if L.side else []))
+                    timings["activations"] += time.perf_counter() - t
+                    t = time.perf_counter()
+                    eqs = self._sequential_normals(L, vals, picks[L.node], targets.pop(L.node))
+                    timings["normals"] += time.perf_counter() - t
+                else:
+                    eqs = normals.pop(L.node)
+                t = time.perf_counter()
+                fits.append(self._fit(params, pnodes[L.node], L, *eqs))
+                timings["fit"] += time.perf_counter() - t
                 if progress:
                     progress(done, len(layers))
+            peak = stream.peak_bytes / 2**20 if stream is not None else 0.0
         seconds = time.perf_counter() - t0
-        result = ReconstructionResult(m, tuple(fits), len(self.x), seconds)
+        result = ReconstructionResult(m, tuple(fits), len(self.x), seconds, self.mode, timings, peak)
         log.info("%s", result.summary())
         return result
 
-    def calibrate(self, mask: np.ndarray, pruned: onnx.ModelProto, *, method: str = "reconstruct", progress=None) -> ReconstructionResult:
-        """Same call as :meth:`onnxprune.calibrate.Calibrator.calibrate`, so either can be used."""
-        return self.run(mask, pruned, progress=progress)
+    run = recover  # earlier name
 
-    def transform(self, *, method: str = "reconstruct"):
-        """``fn(pruned, mask) -> reconstructed model`` for ``sensitivity.analyze(transform=...)``."""
-        return lambda pruned, mask: self.run(mask, pruned).model
+    def _sequential_normals(self, layer: Layer, vals: dict, pk: np.ndarray, target: np.ndarray) -> tuple[Normal, Normal]:
+        """Normal equations of one layer: its sampled rows for all samples (``R x F`` floats, bounded
+        by ``rows``, not by the samples) are gathered batch by batch, then multiplied once (one BLAS
+        call per split instead of one per batch)."""
+        x, k = vals[layer.x], pk.shape[1]
+        parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        for start in range(0, len(x), self.batch):
+            end = min(start + self.batch, len(x))
+            a = input_rows(layer, x[start:end], pk[start:end])
+            t = output_rows(target[start * k : end * k].astype(np.float32), a.shape[0])
+            side = output_rows(gather(np.asarray(vals[layer.side][start:end]), pk[start:end], layer.target_axis).astype(np.float32), a.shape[0]) if layer.side else 0.0
+            held = np.repeat(np.arange(start, end) % 5 == 4, k)
+            parts.append((a, t - side, held))
+        a = np.concatenate([p[0] for p in parts], axis=1)
+        y = np.concatenate([p[1] for p in parts], axis=1)
+        held = np.concatenate([p[2] for p in parts])
+        del parts
+        eqs = (Normal(), Normal())
+        eqs[0].add(a[:, ~held], y[:, ~held])
+        eqs[1].add(a[:, held], y[:, held])
+        return eqs
 
-    def _fit(self, m: onnx.ModelProto, params: Params, node: onnx.NodeProto, layer: _Layer, rows: _Rows, ys: list[np.ndarray]) -> LayerFit:
-        """Accumulate normal equations on a fit split and a held-out split (every 5th sample),
-        solve on the fit split, apply only if the held-out error drops, then refit on all rows."""
-        current = self._current(node, params)
-        fit, hold = _Normal(), _Normal()
-        start = 0
-        for k, (xb,) in enumerate(self.runner.batches(_prefix(m, [layer.x]), self.x, [layer.x])):
-            y = ys[k].astype(np.float64)
-            if layer.op == "Conv":
-                a = _patches(xb, layer, rows.picks[k], _out_hw(xb.shape[2:], layer))
-            else:
-                a = xb.reshape(len(xb), -1)
-            a = np.concatenate([a.astype(np.float64), np.ones((len(a), 1))], axis=1)
-            sample = np.repeat(np.arange(start, start + len(xb)), len(a) // len(xb))
-            held = sample % 5 == 4
-            fit.add(a[~held], y[~held])
-            hold.add(a[held], y[held])
-            start += len(xb)
-        features = fit.gram.shape[0] - 1
+    def _fit(self, params: Params, node: onnx.NodeProto, layer: Layer, fit: Normal, hold: Normal) -> LayerFit:
+        """Solve on the fit rows; keep per group only what improves the held-out rows; refit on all rows."""
+        cur = current(params, node, layer)
         n_rows = fit.n + hold.n
-        if current.shape[0] != features + 1 or current.shape[1] != len(layer.keep_out):
-            return LayerFit(node.name, features, n_rows, skipped="its weights do not match the kept channels")
+        if fit.gram is None:
+            return LayerFit(node.name, 0, n_rows, skipped="no sampled rows")
+        groups, features = fit.gram.shape[0], fit.gram.shape[1] - 1
+        info = dict(groups=groups)
+        if cur is None or cur.shape != fit.rhs.shape:
+            return LayerFit(node.name, features, n_rows, skipped="its weights do not match the kept channels", **info)
         if fit.n < features + 1 and self.ridge == 0.0:
-            return LayerFit(node.name, features, n_rows, skipped=f"{fit.n} sampled rows for {features + 1} weights per output: pass more calibration samples or a ridge > 0")
-        sol = self._solve(fit)
-        if sol is None:
-            return LayerFit(node.name, features, n_rows, skipped="singular normal equations")
-        total = fit.both(hold)
-        if hold.n and hold.error(sol) >= hold.error(current):
-            e = total.error(current)
-            return LayerFit(node.name, features, n_rows, e, e, skipped="the fit did not improve the held-out samples")
-        sol = self._solve(total) if hold.n else sol
-        if sol is None:
-            return LayerFit(node.name, features, n_rows, skipped="singular normal equations")
-        before, after = total.error(current), total.error(sol)
-        if after >= before:
-            return LayerFit(node.name, features, n_rows, before, before, skipped="the fit was not better than the current weights")
-        self._write(params, node, sol)
-        return LayerFit(node.name, features, n_rows, before, after)
+            return LayerFit(node.name, features, n_rows, skipped=f"{fit.n} sampled rows for {features + 1} weights per output: pass more calibration samples or a ridge > 0", **info)
+        ridge = self.ridge if layer.kind != "bn" else 1e-9  # one weight per channel: well-posed, shrinking it only biases the scale
+        sol, ok = fit.solve(ridge)
+        total = fit + hold
+        use = ok
+        g_cur = total.gram @ cur
+        if hold.gram is None:
+            g_sol = fit.gram_times_solution(sol, ridge)
+        else:
+            h_sol, h_cur = hold.gram @ sol, hold.gram @ cur
+            use = ok & (hold.sq_error(sol, h_sol) < hold.sq_error(cur, h_cur))
+            if not use.any():
+                e = total.error(cur, g_cur)
+                return LayerFit(node.name, features, n_rows, e, e, skipped="the fit did not improve the held-out samples", **info)
+            if features + 1 <= REFIT_FEATURES:
+                sol, ok = total.solve(ridge)
+                use &= ok
+                g_sol = total.gram_times_solution(sol, ridge)
+            else:
+                g_sol = fit.gram_times_solution(sol, ridge) + h_sol
+        pick = use[:, None, None]
+        new, g_new = np.where(pick, sol, cur), np.where(pick, g_sol, g_cur)
+        before, after = total.error(cur, g_cur), total.error(new, g_new)
+        if not after < before:
+            return LayerFit(node.name, features, n_rows, before, before, skipped="the fit was not better than the current weights", **info)
+        write(params, node, layer, new)
+        return LayerFit(node.name, features, n_rows, before, after, groups_fitted=int(use.sum()), **info)
 
-    def _solve(self, eq: _Normal) -> np.ndarray | None:
-        features = eq.gram.shape[0] - 1
-        lam = self.ridge * float(np.mean(np.diag(eq.gram)[:-1])) if features else 0.0
-        reg = np.full(features + 1, lam)
-        reg[-1] = 0.0  # the bias is not regularized
-        try:
-            sol = np.linalg.solve(eq.gram + np.diag(reg), eq.rhs)
-        except np.linalg.LinAlgError:
-            return None
-        return sol if np.all(np.isfinite(sol)) else None
+    # ---- the recovery protocol
+    def calibrate(self, mask: np.ndarray, pruned: onnx.ModelProto, *, method: str | None = None, progress: Progress | None = None) -> ReconstructionResult:
+        """:meth:`recover` under the name :class:`onnxprune.calibrate.Calibrator` uses."""
+        if method not in (None, "reconstruct"):
+            raise UsageError(f"a Reconstructor only reconstructs (asked for method '{method}')", fix="use onnxprune.recovery.make_recovery(cg, x, method)")
+        return self.recover(mask, pruned, progress=progress)
 
-    def _current(self, node: onnx.NodeProto, params: Params) -> np.ndarray:
-        """The node's present map as a (features + 1, outputs) matrix (last row: bias)."""
-        w = params.get(node, 1).astype(np.float64)
-        op = node.op_type
-        if op == "Conv":
-            mat = w.reshape(w.shape[0], -1).T
-            b = params.get(node, 2)
-            bias = np.zeros(w.shape[0]) if b is None else b.astype(np.float64)
-        elif op == "Gemm":
-            alpha, beta = float(attr(node, "alpha", 1.0)), float(attr(node, "beta", 1.0))
-            mat = alpha * (w.T if int(attr(node, "transB", 0)) else w)
-            c = params.get(node, 2)
-            bias = np.zeros(mat.shape[1]) if c is None else beta * np.broadcast_to(c.astype(np.float64).reshape(-1), (mat.shape[1],))
-        else:  # MatMul
-            mat, bias = w, np.zeros(w.shape[1])
-        return np.vstack([mat, bias[None, :]])
-
-    def _write(self, params: Params, node: onnx.NodeProto, sol: np.ndarray) -> None:
-        """Store ``sol`` (the :meth:`_current` layout) as the node's weights and bias, in the weight's dtype."""
-        mat, bias = sol[:-1], sol[-1]
-        op = node.op_type
-        w = params.get(node, 1)
-        dtype = w.dtype
-        if op == "Conv":
-            params.set(node, 1, mat.T.reshape(w.shape), dtype)
-            params.set(node, 2, bias, dtype)
-        elif op == "Gemm":
-            alpha, beta = float(attr(node, "alpha", 1.0)), float(attr(node, "beta", 1.0))
-            b = mat / alpha
-            params.set(node, 1, b.T if int(attr(node, "transB", 0)) else b, dtype)
-            if beta == 0.0:
-                _set_float_attr(node, "beta", 1.0)
-                beta = 1.0
-            c = params.get(node, 2)
-            new_c = bias / beta
-            params.set(node, 2, new_c.reshape(c.shape) if c is not None and c.size == len(new_c) else new_c, dtype)
-        else:  # MatMul: fit without changing the graph; the bias row is folded through a private Add
-            params.set(node, 1, mat, dtype)
-            if np.any(bias != 0.0):
-                fold(params.model, params, node, np.ones_like(bias), bias)
-
-
-def _out_hw(in_hw: Sequence[int], layer: _Layer) -> tuple[int, int]:
-    out = []
-    for n, k, s, d, pb, pe in zip(in_hw, layer.kernel, layer.strides, layer.dilations, layer.pads[:2], layer.pads[2:]):
-        out.append((n + pb + pe - d * (k - 1) - 1) // s + 1)
-    return out[0], out[1]
+    def transform(self, *, method: str | None = None) -> Callable[[onnx.ModelProto, np.ndarray], onnx.ModelProto]:
+        """``fn(pruned, mask) -> reconstructed model`` for ``sensitivity.analyze(transform=...)``."""
+        if method not in (None, "reconstruct"):
+            raise UsageError(f"a Reconstructor only reconstructs (asked for method '{method}')", fix="use onnxprune.recovery.make_recovery(cg, x, method)")
+        return lambda pruned, mask: self.recover(mask, pruned).model
 
 
 def reconstruct(
@@ -433,22 +368,25 @@ def reconstruct(
     pruned: onnx.ModelProto,
     x: np.ndarray,
     *,
-    rows: int = 16384,
+    rows: int = 8192,
     ridge: float = 1e-3,
-    max_samples: int = 512,
+    max_samples: int = 1024,
     batch_size: int = 64,
     device: str = "cpu",
     threads: int | None = None,
-    progress=None,
+    mode: str = "blockwise",
+    scope: str = "consumers",
+    progress: Progress | None = None,
 ) -> ReconstructionResult:
-    """Re-fit the consumers of ``pruned = apply_mask(cg, mask)`` on unlabeled samples ``x``.
+    """Re-fit the layers of ``pruned = apply_mask(cg, mask)`` on unlabeled samples ``x``.
 
     Returns a new model; neither input is changed. Example::
 
         model = reconstruct(cg, mask, apply_mask(cg, mask), x_calib).model
     """
-    rec = Reconstructor(cg, x, rows=rows, ridge=ridge, max_samples=max_samples, batch_size=batch_size, device=device, threads=threads)
-    return rec.run(mask, pruned, progress=progress)
+    rec = Reconstructor(cg, x, rows=rows, ridge=ridge, max_samples=max_samples, batch_size=batch_size, device=device, threads=threads,
+                        mode=mode, scope=scope)  # fmt: skip
+    return rec.recover(mask, pruned, progress=progress)
 
 
-__all__ = ["reconstruct", "Reconstructor", "ReconstructionResult", "LayerFit"]
+__all__ = ["MODES", "SCOPES", "reconstruct", "Reconstructor", "ReconstructionResult", "LayerFit"]

@@ -117,26 +117,6 @@ def test_unpruned_model_is_unchanged_and_inputs_are_not_mutated():
     assert pruned.SerializeToString(deterministic=True) == snap
 
 
-def test_grouped_consumer_is_skipped_with_a_reason():
-    rng = np.random.default_rng(0)
-    nodes = [
-        helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", kernel_shape=[1, 1]),
-        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
-        helper.make_node("Conv", ["r1", "w2"], ["y"], name="grouped", kernel_shape=[1, 1], group=2),
-    ]
-    graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 6, 6])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, 6, 6])],
-        initializer=[_c("w1", rng.normal(size=(8, 3, 1, 1))), _c("w2", rng.normal(size=(4, 4, 1, 1)))],
-    )  # fmt: skip
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    cg = find_groups(model)
-    mask = drop(cg, "conv1", [0])  # channel 0 of each conv group (0 and 4) goes: the split stays even
-    res = reconstruct(cg, mask, apply_mask(cg, mask), data(hw=6))
-    assert [(f.node, f.applied) for f in res.layers] == [("grouped", False)]
-    assert "grouped" in res.layers[0].skipped
-
-
 def test_underdetermined_fit_keeps_the_weights():
     model = duplicate_channel_net("gemm_flatten")
     cg = find_groups(model)
@@ -151,7 +131,17 @@ def test_underdetermined_fit_keeps_the_weights():
     assert f.skipped == "the fit did not improve the held-out samples" or f.error_after < f.error_before
 
 
-def test_layer_errors_only_go_down(zoo_export):
+def _with_outputs(model: onnx.ModelProto, names) -> onnx.ModelProto:
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    m.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names)
+    return m
+
+
+def test_fitted_layers_are_closer_to_the_original_on_unseen_samples(zoo_export):
+    """Checked through ONNX Runtime on samples the fit never saw, against the original model:
+    every re-fitted layer's output (at its kept channels) is closer to the original than the
+    merely pruned model's, the reported error is what ORT measures, and the logits improve."""
     path = zoo_export("resnet20", "legacy", 0.5)
     from onnxprune import allocate
     from onnxprune.importance import score_units
@@ -159,12 +149,29 @@ def test_layer_errors_only_go_down(zoo_export):
     cg = find_groups(onnx.load(str(path)))
     scores = score_units(cg, "l1")
     mask = allocate.MaskBuilder(cg, scores).mask(allocate.uniform(cg, scores, target=0.4, round_to=1).keep)
+    pruned = apply_mask(cg, mask)
     x = np.random.default_rng(0).normal(size=(64, 3, 32, 32)).astype(np.float32)
-    res = reconstruct(cg, mask, apply_mask(cg, mask), x, rows=2048)
+    res = reconstruct(cg, mask, pruned, x, rows=2048, mode="sequential")  # each layer's own output is its target
     applied = [f for f in res.layers if f.applied]
-    assert applied and all(f.error_after < f.error_before for f in applied)
+    assert len(applied) >= 10, res.layers
     assert all(f.skipped for f in res.layers if not f.applied)
     onnx.checker.check_model(res.model, full_check=True)
+
+    x_new = np.random.default_rng(1).normal(size=(32, 3, 32, 32)).astype(np.float32)
+    nodes = {n.name: n for n in cg.model.graph.node}
+    names = [nodes[f.node].output[0] for f in applied]
+    ref, before, after = (run(_with_outputs(m, names), x_new) for m in (cg.model, pruned, res.model))
+    kept = cg.atom_kept(mask)
+    for f, name, r, b, a in zip(applied, names, ref[1:], before[1:], after[1:]):
+        keep = kept(cg.tensor_maps[name][1]) if name in cg.tensor_maps else np.ones(r.shape[1], bool)
+        r = r[:, keep]
+        assert a.shape == b.shape == r.shape, (f.node, a.shape, r.shape)
+        err_before, err_after = rel_err(b, r), rel_err(a, r)
+        assert err_after < err_before, (f.node, err_after, err_before)
+        # the error the fit reports (on its sampled rows) is what ORT measures on new samples (measured: within 5%)
+        assert 0.75 * f.error_after - 1e-3 <= err_after <= 1.25 * f.error_after + 1e-3, (f.node, err_after, f.error_after)
+    # the logits: measured 0.150 -> 0.009
+    assert rel_err(after[0], ref[0]) < 0.25 * rel_err(before[0], ref[0])
 
 
 def test_recovers_trained_model_accuracy_without_training():
@@ -191,9 +198,8 @@ def test_recovers_trained_model_accuracy_without_training():
     assert rec > base - 0.04
 
 
-def test_small_target_budget_gives_the_same_model(zoo_export):
-    """Targets computed a few layers at a time (bounded memory) give the same fit (up to float
-    rounding: ONNX Runtime may fuse differently when other tensors are graph outputs)."""
+def test_small_target_budget_gives_nearly_the_same_model(zoo_export):
+    """Targets over ``target_budget_mb`` are kept as float16 (bounded memory): the fit barely changes."""
     from onnxprune import allocate
     from onnxprune.importance import score_units
     from onnxprune.reconstruct import Reconstructor
@@ -203,10 +209,32 @@ def test_small_target_budget_gives_the_same_model(zoo_export):
     mask = allocate.MaskBuilder(cg, scores).mask(allocate.uniform(cg, scores, target=0.4, round_to=1).keep)
     pruned = apply_mask(cg, mask)
     x = np.random.default_rng(0).normal(size=(32, 3, 32, 32)).astype(np.float32)
-    one = Reconstructor(cg, x, rows=1024).run(mask, pruned)
-    small = Reconstructor(cg, x, rows=1024, target_budget_mb=0.05)
-    assert len(list(small._chunks(small._layers(cg.atom_kept(mask))[0]))) > 2
-    many = small.run(mask, pruned)
-    assert [f.node for f in one.layers] == [f.node for f in many.layers]
-    np.testing.assert_allclose([f.error_after for f in many.layers], [f.error_after for f in one.layers], rtol=1e-3)
-    assert rel_err(run(many.model, x)[0], run(one.model, x)[0]) <= 1e-3
+    one = Reconstructor(cg, x, rows=1024).recover(mask, pruned)
+    small = Reconstructor(cg, x, rows=1024, target_budget_mb=0.05).recover(mask, pruned)
+    assert [f.node for f in one.layers] == [f.node for f in small.layers]
+    np.testing.assert_allclose([f.error_after for f in small.layers], [f.error_after for f in one.layers], rtol=2e-2, atol=1e-4)
+    assert rel_err(run(small.model, x)[0], run(one.model, x)[0]) <= 1e-2
+
+
+def test_progress_counts_fitted_layers_and_one_protocol_for_all_methods():
+    """Every recovery method is made and applied the same way; reconstruct reports progress per layer."""
+    from onnxprune.recovery import METHODS, Recovery, make_recovery
+    from onnxprune.errors import UsageError
+
+    model = duplicate_channel_net("conv_pads")
+    cg = find_groups(model)
+    mask = drop(cg, "conv1", [5])
+    pruned = apply_mask(cg, mask)
+    x, x_test = data(n=96), data(n=32, seed=7)
+    ref = run(model, x_test)[0]
+    base = rel_err(run(pruned, x_test)[0], ref)
+    for method in METHODS:
+        rec = make_recovery(cg, x, method)
+        assert isinstance(rec, Recovery) and rec.method == method
+        calls = []
+        res = rec.recover(mask, pruned, progress=lambda d, t: calls.append((d, t)))
+        assert res.method == method and calls and calls[-1][0] == calls[-1][1]
+        assert rel_err(run(res.model, x_test)[0], ref) < base, method
+        assert rel_err(run(rec.transform()(pruned, mask), x_test)[0], run(res.model, x_test)[0]) <= 1e-6
+    with pytest.raises(UsageError, match="only reconstructs"):
+        make_recovery(cg, x, "reconstruct").calibrate(mask, pruned, method="bias")
