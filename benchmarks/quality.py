@@ -38,6 +38,8 @@ demo model, so it is fine-tuned exactly like the other rows.
     python benchmarks/quality.py                 # full run, writes benchmarks/results/quality.md
     python benchmarks/quality.py --quick         # smoke test, < 3 min, writes /tmp/onnxprune_quality_quick.md
     python benchmarks/quality.py --models vgg11 --targets 0.3 --epochs 2 --train-n 8000
+    python benchmarks/quality.py --budget full      # equal budget vs Torch-Pruning + ablation (benchmarks/equal_budget.py)
+    python benchmarks/quality.py --budget reduced   # the same, ResNet-20, 10k images, 1 epoch, 1 seed
 
 Torch runs single-threaded by default (``--threads``): on the shared 2-core
 machine this was ~5x faster than 2 threads.
@@ -664,7 +666,18 @@ def parse(argv=None):
     p.add_argument("--out", type=Path, default=None, help=f"markdown output (default {RESULTS.relative_to(ROOT)}; --quick: /tmp)")
     p.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
     p.add_argument("--quick", action="store_true", help="tiny smoke run: vgg11, small data, 1 epoch on 512 images")
+    g = p.add_argument_group("equal-budget mode (benchmarks/equal_budget.py): onnxprune default vs Torch-Pruning + ablation")
+    g.add_argument("--budget", choices=["full", "reduced"], default=None,
+                   help="full: 3 demo models, -30/-50%%, whole train split, 2 and 5 epochs, seeds 0 1 2; reduced: resnet20, 10k images, 1 epoch, seed 0")
+    g.add_argument("--seeds", nargs="+", type=int, default=None, help="budget mode: fine-tuning seeds")
+    g.add_argument("--budget-epochs", nargs="+", type=int, default=None, help="budget mode: epoch counts")
+    g.add_argument("--budget-train-n", type=int, default=None, help="budget mode: training images (0 = the whole train split)")
+    g.add_argument("--ablation", default=None, help="budget mode: MODEL:TARGET of the ablation rows [default: first model, first target]")
+    g.add_argument("--device", default="cpu", help="budget mode: torch device for both pipelines' training (cpu, cuda); ORT stays on CPU")
     args = p.parse_args(argv)
+    if args.budget:
+        args.targets = args.targets if argv_has(argv, "--targets") else None
+        return args
     if args.quick:
         args.models = args.models or ["vgg11"]
         args.epochs, args.train_n, args.test_n, args.val_n, args.pilot_n = 1, 512, 1000, 200, 256
@@ -677,11 +690,20 @@ def parse(argv=None):
     return args
 
 
+def argv_has(argv, flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in (sys.argv[1:] if argv is None else argv))
+
+
 def main(argv=None) -> None:
     args = parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("onnxprune", "torch", "torch_pruning"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.budget:
+        from benchmarks.equal_budget import run_budget
+
+        run_budget(args)
+        return
     warnings.filterwarnings("ignore")
     import torch
 

@@ -16,15 +16,39 @@ by the same executor in eval mode), temperature ``T`` and weight ``a``::
     loss = CE                        labels only
     loss = KD                        teacher only (label-free)
 
-Training: SGD with momentum or AdamW, weight decay on Conv/Gemm/MatMul
-weights only, per-step cosine learning rate from ``lr`` to 0 after a short
-linear warm-up, gradient-norm clipping (distillation with T=4 scales gradients
-by about T, which diverged at lr 0.01 on a calibrated model), optional random
+Recipe for a model that starts close to the original (the pruned,
+reconstructed one):
+
+* **Validation data**: ``val_x`` when given, else ``holdout`` (10%, at most
+  5,000; none under 100) of the training samples, held out of training. It picks the
+  learning rate and the epoch kept, and the starting weights count as epoch 0:
+  when no epoch beats them the input model is returned unchanged and
+  ``FinetuneResult.note`` says so. Fine-tuning never ends below its start.
+* **Learning rate** (``lr=None``): a pilot trains a fresh copy with each of
+  ``lr_candidates`` (0.001, 0.003, 0.01; 0.03 too when 0.01 is chosen) for 10%
+  of the run's steps (30..200) on a slice of the training data, scores it on
+  (up to 5,000) validation samples and takes the largest lr within one
+  standard error of the best score (:func:`choose_lr`).
+* **Normalization** (``normalization="auto"``): exporters fold BatchNorm into
+  the convs, so the graph would train without normalization; with a batch of
+  at least 16 every such conv gets a BatchNorm again, initialised so the
+  function is unchanged, trained with batch statistics and folded back on
+  write-back (:class:`onnxprune.torch_exec.OnnxModule`, ``renormalize``).
+  Measured on the Fashion-MNIST ResNet-20 at -30% MACs (1 epoch, 10k images):
+  +0.54 points test top-1 over training the folded graph
+  (``benchmarks/results/quality_equal_budget_reduced.md``).
+
+Training: SGD with momentum or AdamW, weight decay 5e-4 on Conv/Gemm/MatMul
+weights only (not biases, not re-inserted γ/β), per-step cosine learning rate
+from ``lr`` to 0 after a short linear warm-up (10% of the steps, at most
+100), gradient-norm clipping (distillation with T=4 scales gradients by about
+T, which diverged at lr 0.01 on a calibrated model), optional random
 crop (zero padding of H/8) and horizontal flip for image batches (rank-4
 inputs of at least 8x8 with class labels). Validation after every epoch
 measures top-1 (labels), agreement of arg-max with the teacher (no labels), or
 the teacher MSE (dense outputs without labels); the best weights, the
-untrained ones included (epoch 0), are returned. A non-finite loss stops
+untrained ones included (epoch 0), are returned (``holdout=0`` and no
+``val_x``: the last epoch's, unchecked). A non-finite loss stops
 training and keeps the best weights so far, saying so in
 ``FinetuneResult.stopped_reason``.
 
@@ -68,6 +92,22 @@ from .graph import graph_inputs, save_model
 log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("sgd", "adamw")
+#: ``normalization`` values: re-insert BatchNorm after folded convs for training, keep the graph as is, or decide.
+NORMALIZATIONS = ("auto", "reinsert", "folded")
+NORMALIZATION_HELP = (
+    "BatchNorm while fine-tuning: 'reinsert' gives every conv whose BatchNorm the exporter folded a BatchNorm again "
+    "(function unchanged at the start, trained with batch statistics, folded back into the conv on write-back); "
+    "'folded' trains the graph as it is; 'auto' re-inserts when the batch size is at least 16."
+)
+#: learning rates the pilot tries when no ``lr`` is given (a model that starts close to the original).
+LR_CANDIDATES = (0.01, 0.003, 0.001)
+LR_HELP = (
+    "Fine-tuning learning rate [default: chosen among 0.001, 0.003, 0.01 (and 0.03 when 0.01 wins) by a short pilot run "
+    "on validation data (--val of `onnxprune finetune`, else 10% of the training data held out)]."
+)
+MIN_RENORM_BATCH = 16  # 'auto' re-inserts BatchNorm from this per-process batch size on
+MAX_HOLDOUT = 5000
+MIN_HOLDOUT = 100  # a smaller held-out split is noise: train on everything instead (and say so)
 Progress = Callable[[dict], None]
 
 
@@ -77,7 +117,7 @@ class FinetuneOptions:
     module docstring; it is ignored without a teacher, and is 1 without labels."""
 
     epochs: int = 1
-    lr: float = 0.01
+    lr: float | None = None  # None = pilot over lr_candidates, chosen on validation data
     batch_size: int = 64
     optimizer: str = "sgd"
     weight_decay: float = 5e-4
@@ -92,11 +132,20 @@ class FinetuneOptions:
     train_bn: bool = True
     warmup_steps: int | None = None  # linear warm-up; None = 10% of all steps, at most 100
     grad_clip: float | None = 5.0  # max global gradient norm; None = no clipping
+    normalization: str = "auto"  # one of NORMALIZATIONS; see NORMALIZATION_HELP
+    lr_candidates: tuple[float, ...] = LR_CANDIDATES
+    pilot_fraction: float = 0.1  # pilot steps per candidate, as a share of the run's steps (30..200)
+    holdout: float = 0.1  # share of the training samples held out as validation when none is given (<= 5000; 0 = none)
 
     def __post_init__(self) -> None:
         checks = [
             (self.epochs >= 1, "epochs must be >= 1", "--epochs 5"),
-            (self.lr > 0 and math.isfinite(self.lr), "learning rate must be positive", "--lr 0.01"),
+            (self.lr is None or (self.lr > 0 and math.isfinite(self.lr)), "learning rate must be positive", "--lr 0.01, or omit it"),
+            (self.normalization in NORMALIZATIONS, f"unknown normalization '{self.normalization}'", "--normalization auto, reinsert or folded"),
+            (len(self.lr_candidates) >= 1 and all(v > 0 and math.isfinite(v) for v in self.lr_candidates),
+             "learning-rate candidates must be positive", "values like (0.01, 0.003, 0.001)"),
+            (0 < self.pilot_fraction <= 1, "pilot fraction must be in (0, 1]", "a value like 0.1"),
+            (0 <= self.holdout < 1, "holdout must be in [0, 1)", "a value like 0.1, or 0 to train on every sample"),
             (self.batch_size >= 1, "batch size must be >= 1", "--batch-size 64"),
             (self.optimizer in OPTIMIZERS, f"unknown optimizer '{self.optimizer}'", "--optimizer sgd or --optimizer adamw"),
             (self.weight_decay >= 0, "weight decay must be >= 0", "a value like 5e-4"),
@@ -118,8 +167,10 @@ class FinetuneOptions:
 class FinetuneResult:
     """``model``: a new ModelProto with the best weights; ``history``: one dict per
     trained epoch (epoch, steps, train_loss, train_acc, val, lr, seconds);
-    ``best_epoch`` 0 means no epoch beat the untrained weights; ``metric``:
-    ``top1`` / ``agreement`` / ``teacher_mse`` / ``None`` (no validation data)."""
+    ``best_epoch`` 0 means no epoch beat the untrained weights (``model`` is then
+    the input's copy and ``note`` says so); ``metric``: ``top1`` / ``agreement`` /
+    ``teacher_mse`` / ``None`` (no validation data); ``lr``, ``lr_pilot``,
+    ``normalization``, ``val_source``: how the run was set up."""
 
     model: onnx.ModelProto
     history: tuple[dict, ...]
@@ -130,6 +181,12 @@ class FinetuneResult:
     metric: str | None = None
     initial_val: float | None = None
     best_val: float | None = None
+    lr: float | None = None  # the learning rate used (given, or chosen by the pilot)
+    lr_pilot: tuple[tuple[float, float | None], ...] = ()  # (candidate, val metric or None if it diverged)
+    normalization: str = "folded"  # 'reinsert' or 'folded', as resolved
+    renormalized: int = 0  # convs that trained with a re-inserted BatchNorm
+    val_source: str | None = None  # 'given', 'held out N of M training samples', or None
+    note: str | None = None  # e.g. that no epoch beat the starting weights, which were kept
 
 
 def _valid_device(d: str) -> bool:
@@ -338,14 +395,15 @@ def finetune(
     """Train ``model``'s float initializers on ``train_x``/``train_y``; see the module docstring.
 
     ``progress(event)`` receives dicts with ``kind`` = ``start`` / ``step`` /
-    ``epoch`` / ``stop`` and epoch, epochs, step, steps, loss, acc, lr, val.
+    ``epoch`` / ``stop`` and epoch, epochs, step, steps, loss, acc, lr, val;
+    the lr pilot sends ``pilot_step`` and ``pilot`` (lr, val) events first.
+    Without ``val_x``, ``options.holdout`` of the training samples become the
+    validation data (for the pilot and for keeping the best weights).
     """
     opts = options or FinetuneOptions()
     torch = _require_torch()
-    from .torch_exec import OnnxModule
-
     t0 = time.perf_counter()
-    in_name, in_dims, elem = _input_info(model, "model")
+    in_name, in_dims, _ = _input_info(model, "model")
     train_x = _check_x(train_x, in_name, in_dims, "training data")
     train_y = _check_y(train_y, len(train_x), "training data")
     if val_x is not None:
@@ -365,24 +423,144 @@ def finetune(
         raise DataError("fine-tuning needs at least 2 training samples", fix="pass more data with --data")
     if teacher is not None:
         _check_teacher(model, teacher)
+    resolve_device(opts.device)
+    train_x, train_y, val_x, val_y, val_source = _holdout(train_x, train_y, val_x, val_y, opts)
+    renorm = opts.normalization == "reinsert" or (opts.normalization == "auto" and opts.batch_size >= MIN_RENORM_BATCH)
+    pilot: tuple = ()
+    lr = opts.lr
+    if lr is None:
+        lr, pilot = _pilot_lr(torch, model, train_x, train_y, val_x, val_y, teacher, opts, renorm, progress)
+    result = _fit(torch, model, train_x, train_y, val_x, val_y, teacher, dataclasses.replace(opts, lr=lr), renorm, progress)
+    note = None
+    if result.best_epoch == 0:  # the start won (or training stopped first): the input's weights, bit for bit
+        if result.history and result.metric is not None:
+            epochs = [h["val"] for h in result.history]
+            best = min(epochs) if result.metric == "teacher_mse" else max(epochs)
+            note = (f"no epoch beat the starting weights on validation ({result.metric} {result.initial_val:.4g} at the start, "
+                    f"{best:.4g} at best); kept the starting weights unchanged")
+            log.warning("fine-tuning: %s", note)
+        result = dataclasses.replace(result, model=_copy(model))
+    elif result.metric is None:
+        note = "no validation data: the last epoch's weights are kept without a check against the starting weights"
+    return dataclasses.replace(result, seconds=time.perf_counter() - t0, lr=lr, lr_pilot=pilot, val_source=val_source, note=note)
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
+def _holdout(train_x, train_y, val_x, val_y, opts: FinetuneOptions):
+    """Validation data: the given one, else ``holdout`` of the training samples (seeded,
+    100..5000; none when that would be under 100), removed from training;
+    ``(train_x, train_y, val_x, val_y, source)``."""
+    if val_x is not None:
+        return train_x, train_y, val_x, val_y, "given"
+    n_val = min(MAX_HOLDOUT, int(round(opts.holdout * len(train_x))))
+    if n_val < MIN_HOLDOUT or len(train_x) - n_val < 2:
+        return train_x, train_y, None, None, None
+    perm = np.random.default_rng(opts.seed + 12345).permutation(len(train_x))
+    vi, ti = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+    vy = None if train_y is None else train_y[vi]
+    ty = None if train_y is None else train_y[ti]
+    return train_x[ti], ty, train_x[vi], vy, f"held out {n_val} of {len(train_x)} training samples"
+
+
+def _pilot_lr(torch, model, train_x, train_y, val_x, val_y, teacher, opts: FinetuneOptions, renorm: bool, progress):
+    """The learning rate: each of ``lr_candidates`` trains a fresh copy for a short run
+    (``pilot_fraction`` of the full run's steps, 30..200, one cosine cycle) on a slice
+    of the training data and is scored on (up to 5,000) validation samples; a
+    candidate that diverges is never chosen; :func:`choose_lr` picks among the rest.
+    When the largest candidate is chosen, 3x it is tried once more (the grid is open
+    upwards). Returns ``(lr, ((lr, val or None), ...))``."""
+    cands = sorted(set(float(v) for v in opts.lr_candidates))
+    if len(cands) == 1 or val_x is None:
+        if val_x is None and len(cands) > 1:
+            log.warning("fine-tuning: no validation data for the lr pilot; using lr %g", 0.01)
+            return 0.01, ()
+        return cands[0], ()
+    per_epoch = max(1, len(train_x) // opts.batch_size)
+    per_epoch = min(per_epoch, opts.max_steps_per_epoch or per_epoch)
+    steps = int(min(200, max(30, round(opts.pilot_fraction * per_epoch * opts.epochs)), per_epoch))
+    idx = np.sort(np.random.default_rng(opts.seed + 1).permutation(len(train_x))[: steps * opts.batch_size])
+    px, py = train_x[idx], None if train_y is None else train_y[idx]
+    vx, vy = val_x[:MAX_HOLDOUT], None if val_y is None else val_y[:MAX_HOLDOUT]
+    emit = progress or (lambda event: None)
+    scores: list[tuple[float, float | None]] = []
+    metric, best = None, None
+    queue = list(cands)
+    while queue:
+        lr = queue.pop(0)
+        o = dataclasses.replace(opts, lr=lr, epochs=1, max_steps_per_epoch=steps, warmup_steps=None)
+        relay = (lambda ev, lr=lr: emit({**ev, "kind": "pilot_step", "pilot_lr": lr}) if ev.get("kind") == "step" else None)
+        res = _fit(torch, model, px, py, vx, vy, teacher, o, renorm, relay, select=False)
+        val = res.history[-1]["val"] if res.history and res.stopped_reason is None else None
+        if val is not None and not math.isfinite(val):
+            val = None
+        scores.append((lr, val))
+        metric = res.metric
+        log.info("fine-tuning lr pilot: lr %g -> %s %s", lr, metric, val)
+        emit({"kind": "pilot", "lr": lr, "val": val, "metric": metric, "steps": steps})
+        best = choose_lr(scores, metric, len(vx))
+        if not queue and lr == cands[-1] and best == lr:
+            queue.append(3 * lr)
+    best = cands[0] if best is None else best
+    if torch.distributed.is_available() and torch.distributed.is_initialized():  # every rank trains with rank 0's choice
+        t = torch.tensor([best], dtype=torch.float64, device=resolve_device(opts.device))
+        torch.distributed.broadcast(t, 0)
+        best = float(t.item())
+    return best, tuple(scores)
+
+
+def choose_lr(scores, metric: str | None, n_val: int) -> float | None:
+    """The pilot's choice: the **largest** lr whose validation score is within one
+    standard error of the best score (``sqrt(p (1 - p) / n_val)`` for top-1 /
+    agreement ``p``; 2% for the teacher MSE). A short pilot favours small learning
+    rates (short-horizon bias: measured on the Fashion-MNIST ResNet-20 at -30%,
+    30-step pilots ranked 0.001 > 0.003 > 0.01 by 0.1-0.5 points, within noise,
+    while the full run at 0.01 ended 0.5 points above the one at 0.001), so
+    scores the pilot cannot tell apart go to the larger lr. ``None`` if every
+    candidate diverged. Example: ``choose_lr([(0.001, .9075), (0.01, .9025)], "top1", 2000) == 0.01``."""
+    ok = [(lr, v) for lr, v in scores if v is not None]
+    if not ok:
+        return None
+    if metric == "teacher_mse":
+        best = min(v for _, v in ok)
+        near = [lr for lr, v in ok if v <= best * 1.02]
+    else:
+        best = max(v for _, v in ok)
+        se = math.sqrt(max(best * (1 - best), 0.0) / max(1, n_val))
+        near = [lr for lr, v in ok if v >= best - se]
+    return max(near)
+
+
+def _fit(torch, model, train_x, train_y, val_x, val_y, teacher, opts: FinetuneOptions, renorm: bool, progress, *, select: bool = True):
+    """One training run with a fixed ``opts.lr``: build the modules, re-insert BatchNorm
+    when ``renorm``, train; ``select=False`` keeps the last weights (pilot runs)."""
+    from .torch_exec import TORCH_DTYPES, OnnxModule
+
+    _, _, elem = _input_info(model, "model")
     device = torch.device(resolve_device(opts.device))
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    from .torch_exec import TORCH_DTYPES
-
     dtype = TORCH_DTYPES.get(elem, torch.float32)
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
         torch.manual_seed(opts.seed)
-        net = OnnxModule(model, train_bn=opts.train_bn).to(device)
+        net = OnnxModule(model, train_bn=opts.train_bn, renormalize=renorm).to(device)
         tnet = OnnxModule(teacher, train_bn=False).to(device).eval().requires_grad_(False) if teacher is not None else None
         run = _Run(net, net, tnet, device, dtype, opts)
+        out_shape = _probe(torch, run, train_x, train_y, val_y)
+        n_norm = 0
+        if renorm:
+            bs = max(1, opts.batch_size)
+            n_norm = net.init_normalization(run.batch(train_x[i : i + bs]) for i in range(0, min(len(train_x), 1024), bs))
         if distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             run.rank, run.world = torch.distributed.get_rank(), torch.distributed.get_world_size()
             run.train_net = DDP(net, device_ids=[device.index or 0] if device.type == "cuda" else None)
-        out_shape = _probe(torch, run, train_x, train_y, val_y)
-        result = _train(torch, run, model, train_x, train_y, val_x, val_y, out_shape, progress)
-    return dataclasses.replace(result, seconds=time.perf_counter() - t0)
+        result = _train(torch, run, model, train_x, train_y, val_x, val_y, out_shape, progress, select=select)
+    return dataclasses.replace(result, normalization="reinsert" if n_norm else "folded", renormalized=n_norm)
 
 
 def _probe(torch, run: _Run, train_x, train_y, val_y) -> tuple:
@@ -503,7 +681,7 @@ def _run_epoch(torch, run: _Run, optimizer, plan: _Plan, epoch: int, train_x, tr
     return losses, accs, lr, None
 
 
-def _train(torch, run: _Run, model, train_x, train_y, val_x, val_y, out_shape, progress) -> FinetuneResult:
+def _train(torch, run: _Run, model, train_x, train_y, val_x, val_y, out_shape, progress, *, select: bool = True) -> FinetuneResult:
     opts, net = run.opts, run.net
     emit = progress if (progress is not None and run.rank == 0) else (lambda event: None)
     rng = np.random.default_rng(opts.seed + run.rank)
@@ -511,7 +689,7 @@ def _train(torch, run: _Run, model, train_x, train_y, val_x, val_y, out_shape, p
     optimizer = _optimizer(torch, net, opts)
     metric = _metric_name(val_x, val_y, out_shape)
     teacher_val = _teacher_val(torch, run, val_x, val_y)
-    best_val = initial_val = _validate(torch, run, val_x, val_y, teacher_val)
+    best_val = initial_val = _validate(torch, run, val_x, val_y, teacher_val) if select else None
     best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
     best_epoch, history, stopped = 0, [], None
     emit({"kind": "start", "epochs": opts.epochs, "steps": plan.steps, "device": str(run.device), "metric": metric, "val": initial_val})
@@ -523,12 +701,17 @@ def _train(torch, run: _Run, model, train_x, train_y, val_x, val_y, out_shape, p
             log.warning("fine-tuning stopped: %s", stopped)
             emit({"kind": "stop", "epoch": epoch, "reason": stopped})
             break
+        if run.world > 1:  # batch statistics differ per rank: one set of running statistics for all
+            for m in net.renorms.values():
+                for buf in (m.running_mean, m.running_var):
+                    torch.distributed.all_reduce(buf)
+                    buf /= run.world
         val = _validate(torch, run, val_x, val_y, teacher_val)
         entry = {"epoch": epoch, "steps": len(losses), "train_loss": float(np.mean(losses)),
                  "train_acc": float(np.mean(accs)) if train_y is not None else None,
                  "val": val, "lr": lr, "seconds": time.perf_counter() - te}
         history.append(entry)
-        if metric is None or _better(metric, val, best_val):
+        if not select or metric is None or _better(metric, val, best_val):
             best_val, best_epoch = val, epoch
             best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
         log.info("epoch %d/%d: loss %.4f, %s %s", epoch, opts.epochs, entry["train_loss"], metric, val)
@@ -555,6 +738,9 @@ def _optimizer(torch, net, opts: FinetuneOptions):
         {"params": [p for n, p in net.named_onnx_parameters() if n in decay], "weight_decay": opts.weight_decay},
         {"params": [p for n, p in net.named_onnx_parameters() if n not in decay], "weight_decay": 0.0},
     ]
+    norm = net.renorm_parameters()
+    if groups[1]["params"] or norm:
+        groups[1]["params"] = groups[1]["params"] + norm  # re-inserted BatchNorm γ, β: no weight decay
     groups = [g for g in groups if g["params"]]
     if not groups:
         raise FinetuneError("the model has no trainable float initializers", fix="fine-tune a model with Conv/Gemm weights")

@@ -22,6 +22,22 @@
   sync) and run only the data nodes. A graph whose shapes depend on data
   values (a computed Reshape target) runs every node every time instead.
 
+**Re-inserted normalization** (``renormalize=True``): exporters fold each
+Conv→BatchNorm into the conv's weight and bias, so a graph trains without
+normalization. The module then gives every eligible conv (a float weight and
+bias, each read by that node only; no BatchNormalization reading its output;
+some Conv/Gemm/MatMul downstream, so not a head) a BatchNorm again,
+``z -> γ (z - μ) / sqrt(σ² + eps) + β`` on the conv output ``z``. It starts
+as the identity; :meth:`OnnxModule.init_normalization` sets ``μ, σ²`` to the
+per-channel statistics of ``z`` on sample data and ``γ = sqrt(σ² + eps)``,
+``β = μ``, so the eval-mode function is unchanged. Training uses batch
+statistics (running ones updated, torch momentum 0.1). Write-back folds it
+into the same initializers (``s = γ / sqrt(running σ² + eps)``)::
+
+    W' = W * s[:, None, ...]        b' = (b - μ_running) * s + β
+
+so the written graph has the same nodes, names and shapes.
+
 BatchNormalization runs in train mode (batch statistics, running stats updated
 with ``running = momentum * running + (1 - momentum) * batch``, ONNX's
 ``momentum`` convention) when the module is training and ``train_bn=True``;
@@ -44,10 +60,12 @@ import onnx
 from onnx import numpy_helper
 
 from .errors import FinetuneError, MissingDependencyError
+from .extract import dynamic_batch
 from .graph import graph_inputs, node_label, opset_version
 
 try:
     import torch
+    import torch.nn.functional as F
     from torch import nn
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
     raise MissingDependencyError("fine-tuning needs torch", fix="pip install 'onnxprune[finetune]'") from exc
@@ -119,8 +137,9 @@ class OnnxModule(nn.Module):
     (Conv/ConvTranspose/Gemm/MatMul weights, the ones weight decay applies to).
     """
 
-    def __init__(self, model: onnx.ModelProto, *, train_bn: bool = True) -> None:
+    def __init__(self, model: onnx.ModelProto, *, train_bn: bool = True, renormalize: bool = False) -> None:
         super().__init__()
+        model = dynamic_batch(model)  # a fixed-batch export trains on any batch; initializers (write-back) unchanged
         g = model.graph
         self._rt = Runtime(train_bn)
         self._opset = opset_version(model)
@@ -139,6 +158,11 @@ class OnnxModule(nn.Module):
         self.weight_names = tuple(
             n for n in self.parameter_names if any((nd.op_type, i) in _WEIGHT_SLOTS for nd, i in consumers.get(n, ()))
         )
+        self.renorms = nn.ModuleDict()
+        self._renorm_of: dict[int, str] = {}  # id(node) -> renorms key
+        self._renorm_tensors: dict[str, tuple[str, str]] = {}  # renorms key -> (weight, bias) initializer names
+        if renormalize:
+            self._select_renorms(nodes, consumers)
         self._build_plan(nodes)
 
     # ---------------------------------------------------------------- construction
@@ -163,6 +187,63 @@ class OnnxModule(nn.Module):
                     mutable.add(t.name)
         self.parameter_names = tuple(params)
         self._mutable = frozenset(mutable)
+
+    def _select_renorms(self, nodes: list[onnx.NodeProto], consumers: dict) -> None:
+        """A (dormant) :class:`_Renorm` for every eligible conv; see the module docstring."""
+        params = set(self.parameter_names)
+        feeds_linear: set[str] = set()  # tensors with a Conv/Gemm/MatMul downstream
+        for node in reversed(nodes):
+            if node.op_type in ("Conv", "Gemm", "MatMul") or any(o in feeds_linear for o in node.output if o):
+                feeds_linear.update(i for i in node.input if i)
+        for node in nodes:
+            if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or len(node.input) < 3:
+                continue
+            w, b, out = node.input[1], node.input[2], node.output[0]
+            private = all(len(consumers.get(n, ())) == 1 for n in (w, b))
+            normalized = any(nd.op_type == "BatchNormalization" for nd, _ in consumers.get(out, ()))
+            if w in params and b in params and private and not normalized and out in feeds_linear:
+                bias = getattr(self, self._key_of[b])
+                key = f"n{len(self.renorms)}"
+                self.renorms[key] = _Renorm(bias.shape[0], bias.dtype)
+                self._renorm_of[id(node)] = key
+                self._renorm_tensors[key] = (w, b)
+
+    @torch.no_grad()
+    def init_normalization(self, batches) -> int:
+        """Set every re-inserted BatchNorm from the conv-output statistics over ``batches``
+        (an iterable of input tensors, or of tuples of them) so the eval-mode function is
+        unchanged; returns the number of normalized convs. Runs in eval mode."""
+        if not len(self.renorms):
+            return 0
+        was = self.training
+        self.eval()
+        for m in self.renorms.values():
+            m.start_recording()
+        try:
+            for xb in batches:
+                self(*(xb if isinstance(xb, (tuple, list)) else (xb,)))
+        finally:
+            for m in self.renorms.values():
+                m.finish_recording()
+            self.train(was)
+        return sum(m.active for m in self.renorms.values())
+
+    def renorm_parameters(self) -> list["nn.Parameter"]:
+        """γ and β of the re-inserted BatchNorms (trainable, no weight decay)."""
+        return [p for m in self.renorms.values() for p in (m.weight, m.bias)]
+
+    def _folded_values(self) -> dict[str, "torch.Tensor"]:
+        """Initializer name -> conv weight/bias with the re-inserted BatchNorm folded in."""
+        out = {}
+        for key, (w_name, b_name) in self._renorm_tensors.items():
+            m = self.renorms[key]
+            if not m.active:
+                continue
+            w, b = getattr(self, self._key_of[w_name]).detach(), getattr(self, self._key_of[b_name]).detach()
+            s = (m.weight / torch.sqrt(m.running_var + m.eps)).detach().double()
+            out[w_name] = (w.double() * s.view(-1, *([1] * (w.dim() - 1)))).to(w.dtype)
+            out[b_name] = ((b.double() - m.running_mean.double()) * s + m.bias.detach().double()).to(b.dtype)
+        return out
 
     def _build_plan(self, nodes: list[onnx.NodeProto]) -> None:
         slots: dict[str, int] = {"": _NONE, "\0trash": _TRASH}
@@ -199,6 +280,8 @@ class OnnxModule(nn.Module):
                     continue
                 opdef = OPS[_op_key(node)]
                 fn = opdef.build(NodeCtx(node, self._opset, self._rt, shapes))
+                if id(node) in self._renorm_of:
+                    fn = _renormed(fn, self.renorms[self._renorm_of[id(node)]], self._rt)
             except Unsupported as exc:
                 errors.append(f"{node.op_type} '{node_label(node)}': {exc}")
                 continue
@@ -316,6 +399,7 @@ class OnnxModule(nn.Module):
     def state_to_onnx(self, model: onnx.ModelProto) -> onnx.ModelProto:
         """A copy of ``model`` whose initializers hold this module's current values.
 
+        Re-inserted BatchNorms are folded into their conv's weight and bias.
         Only trainable initializers and BN running statistics whose value
         changed are rewritten (as ``raw_data``, same name, dims and ONNX dtype,
         cast back if the module was converted, e.g. with ``.half()``);
@@ -324,6 +408,7 @@ class OnnxModule(nn.Module):
         out = onnx.ModelProto()
         out.CopyFrom(model)
         current = dict(self.named_onnx_tensors())
+        current.update(self._folded_values())  # re-inserted BatchNorms folded back (module docstring)
         for t in out.graph.initializer:
             value = current.get(t.name)
             if value is None or tuple(value.shape) != tuple(t.dims):
@@ -337,6 +422,63 @@ class OnnxModule(nn.Module):
                 if not torch.equal(new, _to_torch(t)):
                     _set_raw(t, new)
         return out
+
+
+class _Renorm(nn.Module):
+    """A BatchNorm on a conv output: dormant (identity) until :meth:`finish_recording`
+    sets it from recorded statistics with ``γ = sqrt(σ² + eps)``, ``β = μ`` (identity
+    in eval mode); then batch statistics in training, running ones in eval."""
+
+    def __init__(self, channels: int, dtype: "torch.dtype", eps: float = 1e-5, momentum: float = 0.1) -> None:
+        super().__init__()
+        self.eps, self.momentum = eps, momentum
+        self.weight = nn.Parameter(torch.ones(channels, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(channels, dtype=dtype))
+        self.register_buffer("running_mean", torch.zeros(channels, dtype=dtype))
+        self.register_buffer("running_var", torch.ones(channels, dtype=dtype))
+        self.active = False  # a Python flag (no device sync per forward); set once, never reset
+        self._acc: list | None = None
+
+    def start_recording(self) -> None:
+        self._acc = [0, 0.0, 0.0]
+
+    def record(self, z: "torch.Tensor") -> None:
+        dims = [d for d in range(z.dim()) if d != 1]
+        zd = z.detach().double()
+        self._acc[0] += z.numel() // z.shape[1]
+        self._acc[1] = self._acc[1] + zd.sum(dims)
+        self._acc[2] = self._acc[2] + (zd * zd).sum(dims)
+
+    def finish_recording(self) -> None:
+        acc, self._acc = self._acc, None
+        if acc is None or acc[0] == 0:
+            return
+        n, s, ss = acc
+        mean = s / n
+        var = (ss / n - mean * mean).clamp_min(0)
+        with torch.no_grad():
+            self.running_mean.copy_(mean)
+            self.running_var.copy_(var)
+            self.weight.copy_(torch.sqrt(var + self.eps))
+            self.bias.copy_(mean)
+        self.active = True
+
+    def forward(self, z: "torch.Tensor", training: bool) -> "torch.Tensor":
+        if self._acc is not None:
+            self.record(z)
+            return z
+        if not self.active:
+            return z
+        return F.batch_norm(z, self.running_mean, self.running_var, self.weight, self.bias, training, self.momentum, self.eps)
+
+
+def _renormed(fn, norm: _Renorm, rt: Runtime):
+    """The conv callable ``fn`` followed by its re-inserted BatchNorm."""
+
+    def conv_bn(x, w, b=None):
+        return norm(fn(x, w, b), rt.training and rt.train_bn)
+
+    return conv_bn
 
 
 def _live_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
