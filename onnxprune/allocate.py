@@ -16,13 +16,19 @@ target.
   interpolation between grid points); ``t`` is bisected to meet the target.
 * :func:`cost_aware`: greedily removes the step with the smallest
   ``drop increase / MACs removed`` until the target is met.
+
+Every strategy takes an optional ``cost`` (:class:`CostModel`): what the target
+is a reduction of (MACs by default; :class:`onnxprune.latency.LatencyCost` for
+measured latency) and which kept counts each group may take. With a latency
+cost those are the counts where the measured time really drops (the
+staircase), so no strategy makes a removal that saves no time.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Mapping, Protocol
 
 import numpy as np
 
@@ -96,19 +102,34 @@ class MaskBuilder:
         return self.cg.macs(self.mask(keep))
 
 
-def _check_target(target: float) -> None:
+class CostModel(Protocol):
+    """What a target is a reduction of. ``of(mask)`` is the cost of the model keeping the units in
+    ``mask`` (``total = of(full mask)``); ``levels[gid]`` are the kept counts group ``gid`` may take,
+    ascending, ending at its full count. ``what``/``flag`` name it in messages."""
+
+    what: str
+    flag: str
+    total: float
+    levels: Mapping[str, np.ndarray]
+
+    def of(self, mask: np.ndarray) -> float: ...
+
+
+def _check_target(target: float, flag: str = "--target-flops", what: str = "MACs") -> None:
     if not (0.0 < target < 1.0):
         raise UsageError(
-            f"--target-flops must be a fraction of MACs to remove between 0 and 1 (exclusive), got {target}",
-            fix="e.g. --target-flops 0.3 removes 30%% of the MACs".replace("%%", "%"),
+            f"{flag} must be a fraction of {what} to remove between 0 and 1 (exclusive), got {target}",
+            fix=f"e.g. {flag} 0.3 removes 30% of the {what}",
         )
 
 
 class _Search:
-    def __init__(self, cg: ChannelGraph, builder: MaskBuilder, target: float, round_to: int):
-        _check_target(target)
+    def __init__(self, cg: ChannelGraph, builder: MaskBuilder, target: float, round_to: int, cost: CostModel | None = None):
+        self.cost = cost
+        what, flag = (cost.what, cost.flag) if cost is not None else ("MACs", "--target-flops")
+        _check_target(target, flag, what)
         self.cg, self.builder, self.target = cg, builder, target
-        self.total = cg.total_macs
+        self.total = cg.total_macs if cost is None else cost.total
         self.groups = list(cg.prunable_groups)
         if not self.groups:
             reasons = sorted({g.blocked_reason for g in cg.groups if g.blocked_reason})
@@ -116,20 +137,28 @@ class _Search:
                 "no channel group can be pruned" + (f" ({reasons[0]})" if reasons else ""),
                 fix="run 'onnxprune analyze MODEL' to see why each group is blocked; check --exclude",
             )
-        self.ach = {g.id: achievable(g.channels, round_to) for g in self.groups}
+        if cost is None:
+            self.ach = {g.id: achievable(g.channels, round_to) for g in self.groups}
+        else:
+            self.ach = {g.id: np.asarray(cost.levels.get(g.id, [g.channels]), dtype=int) for g in self.groups}
         self.channels = {g.id: g.channels for g in self.groups}
         floor = {gid: int(a[0]) for gid, a in self.ach.items()}
         self.max_reduction = self.reduction(floor)
         if self.max_reduction < target:
+            stuck = sum(len(a) == 1 for a in self.ach.values())
+            why = f"at --round-to {round_to}" if cost is None else "where the measured time drops"
             raise TargetError(
-                f"target of removing {target:.1%} of the MACs is unreachable: at most {self.max_reduction:.1%} can be removed "
-                f"({sum(len(a) == 1 for a in self.ach.values())} groups cannot shrink at --round-to {round_to}, "
-                f"{len(cg.groups) - len(self.groups)} are blocked)",
-                fix=f"lower --target-flops to at most {np.floor(self.max_reduction * 1000) / 1000:.3f}, lower --round-to, or remove --exclude patterns",
+                f"target of removing {target:.1%} of the {what} is unreachable: at most {self.max_reduction:.1%} can be removed "
+                f"({stuck} groups cannot shrink {why}, {len(cg.groups) - len(self.groups)} are blocked)",
+                fix=f"lower {flag} to at most {np.floor(self.max_reduction * 1000) / 1000:.3f}"
+                + (", lower --round-to, or remove --exclude patterns" if cost is None else " or remove --exclude patterns"),
             )
 
+    def cost_of(self, keep: Mapping[str, int]) -> float:
+        return float(self.builder.macs(keep)) if self.cost is None else float(self.cost.of(self.builder.mask(keep)))
+
     def reduction(self, keep: Mapping[str, int]) -> float:
-        return 1.0 - self.builder.macs(keep) / self.total
+        return 1.0 - self.cost_of(keep) / self.total
 
     def refine(self, keep: dict[str, int]) -> dict[str, int]:
         """Give channels back while the target still holds (closest-to-target first)."""
@@ -153,7 +182,17 @@ class _Search:
         if refine:
             keep = self.refine(keep)
         macs = self.builder.macs(keep)
+        if self.cost is not None:
+            detail = {**detail, "cost": self.cost.what, "cost_reduction": self.reduction(keep)}
         return Allocation(keep=dict(keep), macs=macs, total_macs=self.total, target=self.target, strategy=strategy, detail=detail)
+
+
+def check_reachable(cg: ChannelGraph, scores: np.ndarray, *, target: float, round_to: int, cost: CostModel | None = None) -> float:
+    """Raise :class:`TargetError` (with the largest reachable target) when no allocation at
+    channel multiples of ``round_to`` (or the levels of ``cost``) removes ``target`` of the MACs (of
+    the cost). Cheap (one count), so callers run it before any evaluation; returns the largest
+    reachable reduction. Example: ``check_reachable(cg, scores, target=0.3, round_to=8)``."""
+    return _Search(cg, MaskBuilder(cg, scores), target, round_to, cost).max_reduction
 
 
 def _bisect(f, lo: float, hi: float, target: float, steps: int = 40) -> float:
@@ -167,9 +206,9 @@ def _bisect(f, lo: float, hi: float, target: float, steps: int = 40) -> float:
     return hi
 
 
-def uniform(cg: ChannelGraph, scores: np.ndarray, *, target: float, round_to: int = 8, refine: bool = True) -> Allocation:
-    """One ratio for every prunable group (ACRA strategy 1)."""
-    s = _Search(cg, MaskBuilder(cg, scores), target, round_to)
+def uniform(cg: ChannelGraph, scores: np.ndarray, *, target: float, round_to: int = 8, refine: bool = True, cost: CostModel | None = None) -> Allocation:
+    """One ratio for every prunable group (ACRA strategy 1); ``cost``: see :class:`CostModel`."""
+    s = _Search(cg, MaskBuilder(cg, scores), target, round_to, cost)
 
     def keep_at(r: float) -> dict[str, int]:
         return {gid: nearest(a, s.channels[gid] * (1 - r)) for gid, a in s.ach.items()}
@@ -237,10 +276,11 @@ def _curves_for(curves: SensitivityCurves, s: _Search) -> None:
 
 
 def by_threshold(
-    cg: ChannelGraph, scores: np.ndarray, curves: SensitivityCurves, *, target: float, round_to: int = 8, refine: bool = True
+    cg: ChannelGraph, scores: np.ndarray, curves: SensitivityCurves, *, target: float, round_to: int = 8, refine: bool = True,
+    cost: CostModel | None = None,
 ) -> Allocation:
     """Largest per-group ratio under a common drop threshold, bisected on the threshold."""
-    s = _Search(cg, MaskBuilder(cg, scores), target, round_to)
+    s = _Search(cg, MaskBuilder(cg, scores), target, round_to, cost)
     _curves_for(curves, s)
 
     def keep_at(t: float) -> dict[str, int]:
@@ -266,10 +306,12 @@ def by_threshold(
 
 
 def cost_aware(
-    cg: ChannelGraph, scores: np.ndarray, curves: SensitivityCurves, *, target: float, round_to: int = 8, refine: bool = True, max_levels: int = 32
+    cg: ChannelGraph, scores: np.ndarray, curves: SensitivityCurves, *, target: float, round_to: int = 8, refine: bool = True, max_levels: int = 32,
+    cost: CostModel | None = None,
 ) -> Allocation:
-    """Greedy: remove the step with the least measured drop per removed MAC until the target holds."""
-    s = _Search(cg, MaskBuilder(cg, scores), target, round_to)
+    """Greedy: remove the step with the least measured drop per removed unit of cost (a MAC, or a
+    second of predicted latency) until the target holds."""
+    s = _Search(cg, MaskBuilder(cg, scores), target, round_to, cost)
     _curves_for(curves, s)
     levels = {}
     for gid, a in s.ach.items():
@@ -279,7 +321,7 @@ def cost_aware(
         levels[gid] = a
     keep = {gid: int(a[-1]) for gid, a in levels.items()}
     pos = {gid: len(a) - 1 for gid, a in levels.items()}
-    macs = s.builder.macs(keep)
+    macs = s.cost_of(keep)
     goal = s.total * (1 - target)
     while macs > goal:
         best = None
@@ -288,7 +330,7 @@ def cost_aware(
                 continue
             n_new = int(levels[gid][i - 1])
             trial = {**keep, gid: n_new}
-            m = s.builder.macs(trial)
+            m = s.cost_of(trial)
             saved = macs - m
             if saved <= 0:
                 continue

@@ -37,3 +37,30 @@ def round_to_candidates(round_to: int | str) -> list[int]:
     while out[-1] > 4:
         out.append(out[-1] // 2)
     return out
+
+
+GPU_CHANNEL_STEP = 8  # tensor cores take channel counts in multiples of 8 (fp16/TF32 MMA tiles); other counts are padded
+
+
+def channel_step(provider: str) -> int:
+    """Channel multiple a provider's kernels run at full efficiency: the SIMD block on
+    ``CPUExecutionProvider``, 8 on CUDA/TensorRT (tensor-core tiles). Latency tables are measured
+    at multiples of it (and below it for groups smaller than two steps): ``channel_step("CPUExecutionProvider") -> 16``."""
+    if provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider"):
+        return GPU_CHANNEL_STEP
+    return simd_channel_block()
+
+
+def cpu_identity() -> str:
+    """CPU model name and SIMD level, for keys of cached measurements (``"Intel Xeon ... avx512"``)."""
+    name, flags = platform.processor() or platform.machine(), ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="ignore").splitlines():
+            if line.startswith("model name") and ":" in line:
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                have = line.split()
+                flags = "avx512" if "avx512f" in have else "avx2" if "avx2" in have else "base"
+    except OSError:
+        pass
+    return f"{name} {flags}".strip()
