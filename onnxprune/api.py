@@ -29,6 +29,9 @@ from .flops import count
 from .hardware import round_to_candidates
 from .graph import check_model_path, check_output_path, has_external_data, load_model, save_model
 from .groups import ChannelGraph, find_groups
+from .input_shapes import InputShapes, dynamic_inputs
+from .input_shapes import resolve as resolve_shapes
+from .normalize import normalize_constants
 from .importance import CRITERIA, score_units
 from .plan import PruningPlan
 from .report import GroupRow, PruneReport
@@ -41,11 +44,23 @@ StageProgress = Callable[[str, int, int], None]
 STRATEGIES = ("auto", "uniform", "sensitivity", "cost-aware")
 
 
+class _DefaultTarget(float):
+    """The default ``target_flops`` (0.3), told apart from an explicit 0.3: with ``target_latency`` it is dropped."""
+
+
+DEFAULT_TARGET_FLOPS = _DefaultTarget(0.3)
+
+
 @dataclass(frozen=True)
 class PruneOptions:
-    """Options of the main job (the CLI flags of the same names)."""
+    """Options of the main job (the CLI flags of the same names).
 
-    target_flops: float = 0.3
+    Exactly one target: ``target_flops`` (share of MACs to remove) or ``target_latency`` (share of the
+    measured latency to remove, on ``device`` at ``latency_batch`` with ``latency_threads``); setting
+    ``target_latency`` drops the default ``target_flops``.
+    """
+
+    target_flops: float | None = DEFAULT_TARGET_FLOPS  # None: only with a saved plan (prune(plan=...)), which decides the channels
     strategy: str = "auto"  # auto: sensitivity with data, uniform without
     criterion: str = "l1"
     round_to: int | str = "auto"  # "auto": the CPU's SIMD channel block (16 with AVX-512, else 8), halved if the target needs it
@@ -62,13 +77,39 @@ class PruneOptions:
     calibrate: int = 512  # samples used to calibrate activation statistics when data is given; 0 = off
     calibrate_method: str = "reconstruct"  # reconstruct (least-squares re-fit of the consumers) | bias | affine | both
     calibrated_sensitivity: bool = False  # measure sensitivity after calibration (slower, closer to the final model)
+    target_latency: float | None = None  # share of measured latency to remove (instead of target_flops)
+    latency_batch: int = 1
+    latency_threads: int | None = None  # None: every core this process may use (stated in the report)
+    latency_tolerance: float = 0.02  # closed loop: measured cut within this of the target
+    latency_iterations: int = 4  # closed loop: at most this many allocate-measure rounds
+    latency_repeats: int = 15  # interleaved rounds per end-to-end measurement
+    latency_max_spread: float = 0.2  # refuse measurements whose IQR/median is above this
+    measure_latency: bool = False  # MAC targets: also measure latency before/after
+    latency_device: str | None = None  # auto | cpu | cuda | tensorrt; None: the evaluation device
 
     def __post_init__(self) -> None:
+        if self.target_latency is not None:
+            if isinstance(self.target_flops, _DefaultTarget):
+                object.__setattr__(self, "target_flops", None)
+            if self.target_flops is not None:
+                raise UsageError("--target-flops and --target-latency were both given; exactly one target is allowed",
+                                 fix="pass either --target-flops R (share of MACs) or --target-latency R (share of measured latency)")
+            if isinstance(self.target_latency, bool) or not (0.0 < float(self.target_latency) < 1.0):
+                raise UsageError(f"--target-latency must be the fraction of latency to remove, strictly between 0 and 1; got {self.target_latency}",
+                                 fix="e.g. --target-latency 0.3 removes 30% of the measured latency")
+        for flag, ok, want in (
+            ("--latency-tolerance", 0.0 <= float(self.latency_tolerance) < 1.0, "a fraction in [0, 1), e.g. 0.02"),
+            ("--latency-iterations", int(self.latency_iterations) >= 1, "1 or more"),
+            ("--latency-repeats", int(self.latency_repeats) >= 3, "3 or more"),
+            ("--latency-max-spread", float(self.latency_max_spread) > 0, "a fraction above 0, e.g. 0.2"),
+        ):
+            if not ok:
+                raise UsageError(f"{flag} is out of range", fix=f"pass {flag} {want}")
         if self.strategy not in STRATEGIES:
             raise UsageError(f"unknown strategy '{self.strategy}'", fix=f"use --strategy {' | '.join(STRATEGIES)}")
         if self.criterion not in CRITERIA:
             raise UsageError(f"unknown criterion '{self.criterion}'", fix=f"use --criterion {' | '.join(CRITERIA)}")
-        if isinstance(self.target_flops, bool) or not (0.0 < float(self.target_flops) < 1.0):
+        if self.target_flops is not None and (isinstance(self.target_flops, bool) or not (0.0 < float(self.target_flops) < 1.0)):
             raise UsageError(
                 f"--target-flops must be the fraction of MACs to remove, strictly between 0 and 1; got {self.target_flops}",
                 fix="e.g. --target-flops 0.3 removes 30% of the MACs",
@@ -89,6 +130,7 @@ class PruneResult:
     report: PruneReport
     plan: PruningPlan
     output: Path | None
+    curves: object | None = None  # the SensitivityCurves the allocation used (sensitivity/cost-aware), for plots
 
 
 def default_output(path: str | Path) -> Path:
@@ -101,17 +143,27 @@ def default_output(path: str | Path) -> Path:
 CALIBRATE_METHODS = ("reconstruct", "both", "affine", "bias")
 
 
+def criterion_samples(cg: ChannelGraph, options: PruneOptions, data, calib_data) -> np.ndarray | None:
+    """Unlabeled samples for a criterion that needs them (``recon``): the first ``--calibrate`` (or 512)
+    of ``--calib-data``, else of ``--data``; None for the other criteria or without data."""
+    from .importance import DATA_CRITERIA
+
+    source = calib_data if calib_data is not None else data
+    if options.criterion not in DATA_CRITERIA or source is None:
+        return None
+    flag = "--calib-data" if calib_data is not None else "--data"
+    ds = load_dataset(source, limit=options.calibrate or 512, image_options=options.image_options, flag=flag)
+    return check_model_input(cg.model, ds, flag=flag).x
+
+
 def make_calibrator(cg: ChannelGraph, x: np.ndarray, method: str, *, batch_size: int = 64, device: str = "cpu", progress=None):
-    """A calibrator for ``method``: :class:`~onnxprune.reconstruct.Reconstructor` for
-    ``reconstruct``, else :class:`~onnxprune.calibrate.Calibrator` (both have
-    ``calibrate(mask, pruned, method=...)`` and ``transform(method=...)``)."""
-    if method == "reconstruct":
-        from .reconstruct import Reconstructor
+    """The recovery for ``method`` (:func:`onnxprune.recovery.make_recovery`; this older name stays).
 
-        return Reconstructor(cg, x, batch_size=batch_size, device=device)
-    from .calibrate import Calibrator
+    Both kinds implement ``recover(mask, pruned)`` and ``transform()``, and still accept
+    ``calibrate(mask, pruned, method=...)`` / ``transform(method=...)``."""
+    from .recovery import make_recovery
 
-    return Calibrator(cg, x, batch_size=batch_size, device=device, progress=progress)
+    return make_recovery(cg, x, method, batch_size=batch_size, device=device, progress=progress)
 
 
 def _noop(stage: str, done: int, total: int) -> None:
@@ -148,6 +200,29 @@ def criterion_fallback_note(cg: ChannelGraph, criterion: str) -> str | None:
     )
 
 
+def resolve_input_shapes(model: onnx.ModelProto, options: PruneOptions, data: str | None) -> InputShapes:
+    """Sizes for dynamic input dims: ``--input-shape``, else the file's metadata, else the first sample of ``data``."""
+    if options.input_shapes or not dynamic_inputs(model):
+        return resolve_shapes(model, explicit=options.input_shapes)
+    sample = load_dataset(data, limit=1, image_options=options.image_options).x.shape if data is not None else None
+    return resolve_shapes(model, data_shape=sample)
+
+
+def check_model_input(model: onnx.ModelProto, ds, *, flag: str = "--data"):
+    """``ds`` checked against the model's single input (shape after the batch axis, dtype), errors naming ``flag``;
+    models with several inputs are left to the stage that uses the data."""
+    from .data import check_against_model
+
+    inits = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in inits]
+    if len(inputs) != 1:
+        return ds
+    t = inputs[0].type.tensor_type
+    shape = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in t.shape.dim)
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type) if t.elem_type else np.dtype(np.float32)
+    return check_against_model(ds, shape, dtype, input_name=inputs[0].name, num_classes=None, flag=flag)
+
+
 def build_evaluator(model: onnx.ModelProto, data: str, options: PruneOptions, progress: StageProgress) -> Evaluator:
     ds = load_dataset(data, limit=options.limit, image_options=options.image_options)
     return Evaluator.from_original(
@@ -164,13 +239,18 @@ def allocate_plan(
     cache: Path | None,
     progress: StageProgress,
     calibrator=None,
+    cost: allocate.CostModel | None = None,
 ) -> tuple[allocate.Allocation, dict]:
-    """Run the chosen strategy; returns the allocation and extra report details."""
-    strategy = options.strategy
-    if strategy == "auto":
-        strategy = "sensitivity" if evaluator is not None else "uniform"
+    """Run the chosen strategy; returns the allocation and extra report details.
+
+    With ``cost`` (a latency cost) the target is ``options.target_latency`` as a cut of the cost,
+    the counts are the cost's levels (no ``round_to`` candidates), and ``detail["sensitivity_curves"]``
+    lets :func:`strategy_fn` re-run the allocation for other targets (the closed loop)."""
+    strategy = resolved_strategy(options, evaluator is not None)
     candidates = round_to_candidates(options.round_to)
     if strategy == "uniform":
+        if cost is not None:
+            return strategy_fn(cg, scores, strategy, None, cost)(options.target_latency), {"sensitivity_curves": None}
         return _with_rounding(candidates, lambda r: allocate.uniform(cg, scores, target=options.target_flops, round_to=r)), {}
     if evaluator is None:
         raise UsageError(f"--strategy {strategy} measures accuracy and needs data", fix="pass --data DATA or use --strategy uniform")
@@ -187,14 +267,83 @@ def allocate_plan(
         progress=lambda d, t: progress("sensitivity", d, t),
     )
     fn = allocate.by_threshold if strategy == "sensitivity" else allocate.cost_aware
-    alloc = _with_rounding(candidates, lambda r: fn(cg, scores, run.curves, target=options.target_flops, round_to=r))
+    if cost is not None:
+        alloc = strategy_fn(cg, scores, strategy, run.curves, cost)(options.target_latency)
+    else:
+        alloc = _with_rounding(candidates, lambda r: fn(cg, scores, run.curves, target=options.target_flops, round_to=r))
     detail = {
         "sensitivity_seconds": run.seconds,
         "sensitivity_metric": run.curves.metric,
         "sensitivity_cached_groups": run.cached,
         "sensitivity_calibrated": calibrator is not None,
+        "sensitivity_curves": run.curves,  # prune() moves it to PruneResult.curves (not into the report)
     }
     return alloc, detail
+
+
+def resolved_strategy(options: PruneOptions, has_data: bool) -> str:
+    """``auto`` -> sensitivity with data, uniform without."""
+    if options.strategy == "auto":
+        return "sensitivity" if has_data else "uniform"
+    return options.strategy
+
+
+def strategy_fn(cg: ChannelGraph, scores: np.ndarray, strategy: str, curves, cost: allocate.CostModel):
+    """``target -> Allocation`` for ``strategy`` on ``cost`` (sensitivity curves for the data-driven ones)."""
+    if strategy == "uniform":
+        return lambda t: allocate.uniform(cg, scores, target=t, cost=cost)
+    fn = allocate.by_threshold if strategy == "sensitivity" else allocate.cost_aware
+    return lambda t: fn(cg, scores, curves, target=t, cost=cost)
+
+
+def latency_setup(cg: ChannelGraph, scores: np.ndarray, options: PruneOptions, progress: StageProgress):
+    """(latency model, cost, largest reachable predicted cut) for ``options.target_latency``; TargetError when unreachable."""
+    from .latency import LatencyCost, build_latency_model
+    from .latency_table import resolve_settings
+
+    settings = resolve_settings(options.latency_device or options.device, batch=options.latency_batch, threads=options.latency_threads)
+    lm = build_latency_model(cg, settings, cache_dir=options.cache_dir, rounds=options.latency_repeats, max_spread=options.latency_max_spread,
+                             progress=lambda d, t: progress("latency table", d, t))
+    cost = LatencyCost(lm, allocate.MaskBuilder(cg, scores))
+    return lm, cost, allocate.check_reachable(cg, scores, target=options.target_latency, round_to=1, cost=cost)
+
+
+def latency_loop(cg, scores, options: PruneOptions, lat, curves, has_data: bool, progress: StageProgress):
+    """The closed loop (allocate, measure, correct) for a latency target; returns (allocation, report detail)."""
+    from .latency_loop import closed_loop, loop_detail
+
+    lm, cost, max_red = lat
+    builder = allocate.MaskBuilder(cg, scores)
+    loop = closed_loop(
+        target=options.target_latency, lm=lm, allocate_fn=strategy_fn(cg, scores, resolved_strategy(options, has_data), curves, cost),
+        to_mask=builder.mask, apply=lambda m: apply_mask(cg, m), max_reduction=max_red, cost=cost, tolerance=options.latency_tolerance,
+        iterations=options.latency_iterations, rounds=options.latency_repeats, max_spread=options.latency_max_spread,
+        on_iteration=lambda it: progress("latency loop", it.index, options.latency_iterations),
+    )
+    return loop.allocation, loop_detail(lm, loop, target=options.target_latency, tolerance=options.latency_tolerance, max_reduction=max_red)
+
+
+def mac_latency_detail(cg: ChannelGraph, mask: np.ndarray, pruned: onnx.ModelProto, options: PruneOptions, macs_cut: float) -> dict:
+    """MAC targets, honestly: measured latency before/after with ``measure_latency``, and a note
+    (suggesting --target-latency) when the cut will not, or did not, make the model as much faster."""
+    from .latency import measure_pair, model_feeds
+    from .latency_loop import mac_cut_warning, measured_mac_note
+    from .latency_table import resolve_settings
+
+    out: dict = {}
+    if options.measure_latency:
+        settings = resolve_settings(options.latency_device or options.device, batch=options.latency_batch, threads=options.latency_threads)
+        m = measure_pair(cg.model, pruned, settings, model_feeds(cg, settings.batch), rounds=options.latency_repeats, max_spread=options.latency_max_spread)
+        out["latency"] = {"target": None, "settings": settings.describe(), "original_ms": 1e3 * m.a, "pruned_ms": 1e3 * m.b,
+                          "measured_cut": m.cut, "spread": m.spread, "rounds": m.rounds, "macs_cut": macs_cut}
+        note = measured_mac_note(m.cut, macs_cut)
+    else:
+        from .latency_table import CPU, channel_step
+
+        note = mac_cut_warning(cg, mask, channel_step(CPU if options.device == "cpu" else "auto"))
+    if note:
+        out["latency_note"] = note
+    return out
 
 
 def _with_rounding(candidates: list[int], run):
@@ -236,8 +385,10 @@ def prune(
     of searching. With ``finetune_options`` (a
     :class:`~onnxprune.finetune.FinetuneOptions`) and ``train_data`` the
     pruned model is fine-tuned with torch (distilling from the original when
-    ``distill``) and evaluated again; the final weights are kept (no
-    selection on the evaluation data). Outputs are written atomically; the
+    ``distill``) and evaluated again; the learning rate (unless given) and the
+    epoch kept are chosen on a held-out part of ``train_data``, never on
+    ``data``, and the starting weights are kept when no epoch beats them
+    (``detail["finetune"]["note"]`` says so). Outputs are written atomically; the
     input is never touched.
     """
     progress = progress or _noop
@@ -247,9 +398,9 @@ def prune(
     out = None
     if write:
         out = check_output_path(output or default_output(model_path), input_path=model_path, force=force)
-        for extra in (report_path, save_plan):
+        for extra, flag in ((report_path, "--report"), (save_plan, "--save-plan")):
             if extra is not None:
-                check_output_path(extra, input_path=model_path, force=True)
+                check_output_path(extra, input_path=model_path, force=True, flag=flag)
     model = load_model(model_path)
     train = None
     if finetune_options is not None:
@@ -260,10 +411,33 @@ def prune(
         _require_torch()  # fail before the long work when torch is missing
         train = load_dataset(train_data, image_options=options.image_options)
     external = has_external_data(model_path)  # keep the input's layout: external data in, external data out
-    cg = find_groups(model, exclude=options.exclude, input_shapes=options.input_shapes)
+    model, normalized = normalize_constants(model, copy=False)  # our own loaded copy: no second set of weights
+    inputs = resolve_input_shapes(model, options, data)
+    cg = find_groups(model, exclude=options.exclude, input_shapes=inputs.shapes)
     del model  # only cg.model from here on (find_groups may return a copy): one set of weights alive (matters for >2 GB models)
     before = count(cg.model, shapes=cg.shapes)
     timings["analyze"] = time.perf_counter() - t0
+
+    # everything that can be refused without running the model is checked here, before any evaluation
+    the_plan = PruningPlan.load(plan) if plan is not None else None
+    mask = the_plan.to_mask(cg) if the_plan is not None else None
+    scores = score_units(cg, options.criterion, seed=options.seed, data=criterion_samples(cg, options, data, calib_data), device=options.device)
+    lat = None
+    if the_plan is None:
+        if options.target_flops is None and options.target_latency is None:
+            raise UsageError("no --target-flops and no --plan: nothing says how much to prune", fix="pass e.g. --target-flops 0.3, or apply a saved plan with --plan PLAN")
+        if options.target_latency is not None:  # measures the tables and the model: an unreachable target fails here, before evaluation
+            t = time.perf_counter()
+            lat = latency_setup(cg, scores, options, progress)
+            timings["latency_model"] = time.perf_counter() - t
+        else:
+            allocate.check_reachable(cg, scores, target=options.target_flops, round_to=round_to_candidates(options.round_to)[-1])
+        if data is not None and options.strategy != "uniform":
+            cache_file(options.cache_dir, model_path)  # a bad --cache-dir fails now, not after the reference run
+    calib_source = None
+    if options.calibrate and calib_data is not None:
+        calib_source = load_dataset(calib_data, limit=options.calibrate, image_options=options.image_options, flag="--calib-data")
+        calib_source = check_model_input(cg.model, calib_source, flag="--calib-data")
 
     evaluator = provider = None
     metrics: dict[str, dict] = {}
@@ -278,21 +452,20 @@ def prune(
     calibrator = None
     if options.calibrate and (calib_data is not None or evaluator is not None):
         t = time.perf_counter()
-        source = load_dataset(calib_data, limit=options.calibrate, image_options=options.image_options) if calib_data else evaluator.dataset
+        source = calib_source if calib_source is not None else evaluator.dataset
         calibrator = make_calibrator(cg, source.x[: options.calibrate], options.calibrate_method, batch_size=options.batch_size, device=options.device,
                                      progress=lambda d, tt: progress("calibration", d, tt))
         timings["calibration_stats"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    scores = score_units(cg, options.criterion, seed=options.seed)
     detail: dict = {}
     note = criterion_fallback_note(cg, options.criterion)
     if note:
         log.warning(note)
-    if plan is not None:
-        the_plan = PruningPlan.load(plan)
-        mask = the_plan.to_mask(cg)
+    curves = None
+    if the_plan is not None:
         strategy = "plan"
+        detail["plan_file"] = str(plan)
     else:
         # only runs that measure sensitivity use (and create) the cache folder
         cal = calibrator is not None and options.calibrated_sensitivity
@@ -300,20 +473,29 @@ def prune(
         cache = cache_file(options.cache_dir, model_path, variant) if evaluator is not None and options.strategy != "uniform" else None
         alloc, detail = allocate_plan(
             cg, scores, options, evaluator=evaluator, cache=cache, progress=progress,
-            calibrator=calibrator if options.calibrated_sensitivity else None,
+            calibrator=calibrator if options.calibrated_sensitivity else None, cost=lat[1] if lat else None,
         )
+        curves = detail.pop("sensitivity_curves", None)
+        if lat is not None:
+            alloc, detail["latency"] = latency_loop(cg, scores, options, lat, curves, evaluator is not None, progress)
         mask = allocate.MaskBuilder(cg, scores).mask(alloc.keep)
         strategy = alloc.strategy
         detail.update(alloc.detail)
         the_plan = PruningPlan.from_mask(cg, mask)
     if note:
         detail["criterion_note"] = note
+    if inputs.shapes is not None:
+        detail["input_shapes"] = {"shapes": {k: list(v) for k, v in inputs.shapes.items()}, "source": inputs.source}
     timings["allocate"] = time.perf_counter() - t
 
     t = time.perf_counter()
     pruned = apply_mask(cg, mask)
-    after = count(pruned, input_shapes=options.input_shapes)  # dynamic spatial dims need them again
+    after = count(pruned, input_shapes=inputs.shapes)  # dynamic spatial dims need them again
     timings["rewrite"] = time.perf_counter() - t
+    if lat is None and (strategy != "plan" or options.measure_latency):
+        t = time.perf_counter()
+        detail.update(mac_latency_detail(cg, mask, pruned, options, 1 - after.total_macs / max(before.total_macs, 1)))
+        timings["latency"] = time.perf_counter() - t
     if evaluator is not None:
         t = time.perf_counter()
         metrics["pruned"] = evaluator.evaluate(pruned, progress=lambda d, tt: progress("evaluate", d, tt)).to_dict()
@@ -337,10 +519,10 @@ def prune(
     report = PruneReport(
         input=str(model_path),
         output=str(out) if out else None,
-        target=float(options.target_flops),
+        target=None if plan is not None or options.target_flops is None else float(options.target_flops),
         strategy=strategy,
         criterion=options.criterion,
-        round_to=int(detail.get("round_to", options.round_to if options.round_to != "auto" else round_to_candidates("auto")[0])),
+        round_to=None if plan is not None else lat[0].settings.step if lat else int(detail.get("round_to", options.round_to if options.round_to != "auto" else round_to_candidates("auto")[0])),
         macs_before=before.total_macs,
         macs_after=after.total_macs,
         params_before=before.total_params,
@@ -351,6 +533,7 @@ def prune(
         timings=timings,
         detail=detail,
         plan=the_plan.to_dict(),
+        normalizations=tuple(c.describe() for c in (*normalized, *cg.normalizations)),
     )
     if write:
         t = time.perf_counter()
@@ -361,7 +544,7 @@ def prune(
         if report_path is not None:
             report = replace(report, timings=dict(timings))
             report.save(report_path)
-    return PruneResult(pruned, report, the_plan, out)
+    return PruneResult(pruned, report, the_plan, out, curves)
 
 
 def _finetune_stage(pruned, teacher, train, options, progress: StageProgress):
@@ -379,6 +562,16 @@ def _finetune_stage(pruned, teacher, train, options, progress: StageProgress):
         "stopped_reason": res.stopped_reason,
         "history": list(res.history),
         "distilled": teacher is not None,
+        "lr": res.lr,
+        "lr_pilot": [list(p) for p in res.lr_pilot],
+        "normalization": res.normalization,
+        "renormalized_convs": res.renormalized,
+        "validation": res.val_source,
+        "metric": res.metric,
+        "initial_val": res.initial_val,
+        "best_val": res.best_val,
+        "best_epoch": res.best_epoch,
+        "note": res.note,
     }
     return res.model, info
 

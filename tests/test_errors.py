@@ -330,7 +330,7 @@ def test_target_flops_unreachable(work):
     "args, match",
     [
         (["model.onnx", "--target-flops", "lots"], r"^error: Invalid value for '--target-flops': 'lots' is not a valid float. To fix: see '.*prune --help'.$"),
-        (["model.onnx"], r"^error: Missing option '--target-flops'. To fix: see '.*prune --help'.$"),
+        (["model.onnx"], r"^error: Missing option '--target-flops' or '--target-latency' \(the fraction of MACs or of measured latency to remove\). To fix: pass e.g. --target-flops 0.3 or --target-latency 0.3, or --plan PLAN to apply a saved plan.$"),
         (["model.onnx", "--target-flops", "0.3", "--strategy", "best"], r"^error: Invalid value for '--strategy': 'best' is not one of 'auto', 'uniform', 'sensitivity', 'cost-aware'"),
         (["model.onnx", "--target-flops", "0.3", "--bogus"], r"^error: No such option '--bogus'"),
     ],

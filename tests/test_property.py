@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
+from onnxprune.errors import PlanError
 from onnxprune.flops import count
 from onnxprune.groups import find_groups
 from onnxprune.rewrite import apply_mask
@@ -217,14 +219,18 @@ def random_cnn(draw):
     return model, tuple(b.split_parts), (2, cin, hw_in, hw_in)
 
 
-def _keep_split_parts(cg, mask, split_parts) -> None:
-    """Keep one channel of every Split output (emptying one is a known bug, see
-    test_rules_cases.test_split_part_emptied)."""
+def _emptied_split_parts(cg, mask, split_parts) -> list[str]:
+    """The Split outputs that ``mask`` leaves without any channel."""
     kept = cg.atom_kept(mask)
-    for name, _size in split_parts:
+    return [name for name, _size in split_parts if not kept(cg.tensor_maps[name][1]).any()]
+
+
+def _keep_split_parts(cg, mask, split_parts) -> None:
+    """Keep one channel of every Split output: ``apply_mask`` refuses a mask that empties one
+    (a PlanError, asserted in the test; allocation never builds such a mask)."""
+    for name in _emptied_split_parts(cg, mask, split_parts):
         _, atoms = cg.tensor_maps[name]
-        if not kept(atoms).any():
-            mask[cg.unit_of_atom[atoms[0]]] = True
+        mask[cg.unit_of_atom[atoms[0]]] = True
 
 
 def _draw_mask(cg, rng, mode: str, max_ratio: float) -> np.ndarray:
@@ -272,7 +278,14 @@ def test_random_cnn_masks_match_oracle(case, mask_seed, max_ratio, mode):
     x = rng.standard_normal(shape).astype(np.float32)
     for _ in range(2):
         mask = _draw_mask(cg, rng, mode, max_ratio)
-        _keep_split_parts(cg, mask, split_parts)
+        emptied = _emptied_split_parts(cg, mask, split_parts)
+        if emptied:
+            event("mask empties a Split output: refused")
+            with pytest.raises(PlanError, match="removes every channel that passes through") as info:
+                apply_mask(cg, mask)
+            assert info.value.node in {name.rsplit("_o", 1)[0] for name in emptied}  # the Split node
+            _keep_split_parts(cg, mask, split_parts)
+            assert not _emptied_split_parts(cg, mask, split_parts)
         pruned = apply_mask(cg, mask)
         onnx.checker.check_model(pruned, full_check=True)
         want, got = run(masked_model(cg, mask), x), run(pruned, x)

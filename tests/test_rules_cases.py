@@ -429,26 +429,39 @@ def test_split_on_channels(opset, style):
         assert len(sp.output) == 2
 
 
-def _check_one_mask(m, drop_ids, producer="c0"):
-    """Apply the mask that removes channels ``drop_ids`` of ``producer``: either a clear
-    OnnxPruneError, or a valid model equal to the oracle."""
-    from onnxprune.errors import OnnxPruneError
-
-    cg = find_groups(m)
+def _mask_without(cg, drop_ids, producer="c0"):
+    """The full mask less channels ``drop_ids`` of ``producer``'s group."""
     g = group_of(cg, producer)
     mask = cg.full_mask()
     for u, cid in zip(g.units, g.channel_ids):
         if cid in drop_ids:
             mask[u] = False
-    try:
-        p = apply_mask(cg, mask)
-    except OnnxPruneError:
-        return
+    return mask
+
+
+EMPTIED = (
+    "the plan removes every channel that passes through '{}', which would leave it with no output. "
+    "To fix: keep at least one channel in each Split output / channel Slice (edit the plan or lower --target-flops)."
+)
+
+
+def _check_emptied_is_refused(m, node):
+    """Removing both channels of a 2-channel part is refused with a PlanError naming ``node``;
+    removing one of them prunes exactly."""
+    from onnxprune.errors import PlanError
+
+    cg = find_groups(m)
+    with pytest.raises(PlanError) as info:
+        apply_mask(cg, _mask_without(cg, {0, 1}))
+    assert type(info.value) is PlanError and info.value.node == node
+    assert str(info.value) == EMPTIED.format(node)
+    mask = _mask_without(cg, {0})
+    p = apply_mask(cg, mask)
     onnx.checker.check_model(p, full_check=True)
     x = np.random.default_rng(0).standard_normal([d.dim_value for d in m.graph.input[0].type.tensor_type.shape.dim])
     x = x.astype(np.float32)
     assert rel_err(run(p, x)[0], run(masked_model(cg, mask), x)[0]) <= 1e-4
-    assert cg.macs(mask) == count(p).total_macs
+    assert cg.macs(mask) == count(p).total_macs < cg.total_macs
 
 
 def test_split_part_emptied():
@@ -456,14 +469,14 @@ def test_split_part_emptied():
     y = n.conv(n.x, 3, 4, name="c0")
     a, b = n.op("Split", [y, n.ints("sizes", [2, 2])], name="split", n_out=2, axis=1)
     m = n.model(n.op("Concat", [n.conv(a, 2, 3, name="ca"), n.conv(b, 2, 3, name="cb")], name="cat", axis=1))
-    _check_one_mask(m, {0, 1})
+    _check_emptied_is_refused(m, "split")
 
 
 def test_slice_range_emptied():
     n = Net([1, 3, 8, 8])
     y = n.conv(n.x, 3, 4, name="c0")
     y = n.op("Slice", [y, n.ints("st", [0]), n.ints("en", [2]), n.ints("ax", [1])], name="sl")
-    _check_one_mask(n.model(n.conv(y, 2, 3, name="c1")), {0, 1})
+    _check_emptied_is_refused(n.model(n.conv(y, 2, 3, name="c1")), "sl")
 
 
 @pytest.mark.parametrize("opset", [13, 18])
