@@ -41,7 +41,7 @@ class Variant:
     task: str  # detect | segment
     exporter: str  # legacy | dynamo
     dynamic: bool = False
-    simplify: str = ""  # "" | onnxslim (a dev dependency) | onnxsim (optional)
+    simplify: str = ""  # "" | onnxslim | onnxsim (both in the dev extra)
     random_bn: bool = False
 
     @property
@@ -57,7 +57,7 @@ VARIANTS = [
     Variant("detect", "dynamo", dynamic=True),
     Variant("segment", "legacy", dynamic=True, simplify="onnxslim"),
     Variant("segment", "dynamo", random_bn=True),
-    Variant("detect", "legacy", dynamic=True, simplify="onnxsim"),  # skipped when onnxsim is not installed
+    Variant("detect", "legacy", dynamic=True, simplify="onnxsim"),  # onnxsim is in the dev extra
 ]
 
 
@@ -68,8 +68,6 @@ def exported(tmp_path_factory):
 
     def get(v: Variant):
         if v not in cache:
-            if v.simplify == "onnxsim":
-                pytest.importorskip("onnxsim")  # optional: not a project dependency
             torch.manual_seed(0)
             model = init_weights((yolo_detector if v.task == "detect" else yolo_segmenter)(num_classes=8))
             if v.random_bn:
