@@ -71,7 +71,7 @@ class PruneOptions:
     limit: int | None = None
     grid: tuple[float, ...] = DEFAULT_GRID
     cache_dir: str | None = None
-    memory_budget_mb: float = 1024
+    memory_budget_mb: float | None = None  # MiB of cached activations; None: sensitivity.default_memory_budget_mb()
     seed: int = 0
     image_options: ImageOptions | None = None
     calibrate: int = 512  # samples used to calibrate activation statistics when data is given; 0 = off

@@ -337,6 +337,8 @@ normalization_option = click.option(
     "--normalization", type=click.Choice(NORMALIZATIONS), default="auto", show_default=True, help=NORMALIZATION_HELP
 )  # one definition for `onnxprune prune` and `onnxprune finetune`
 
+MEMORY_BUDGET_HELP = "MiB of cached activations for fast sensitivity runs (peak memory is about this plus a fixed overhead). [default: min(4096, 25% of available memory)]"
+
 
 @main.command("prune", help=MAIN_HELP)
 @click.argument("model", type=click.Path(path_type=Path))
@@ -352,7 +354,7 @@ normalization_option = click.option(
 @click.option("--save-plan", type=click.Path(path_type=Path), help="Write the pruning plan (kept channels) as JSON.")
 @click.option("--grid", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9", show_default=True, help="Sensitivity ratios.")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=Path(".onnxprune-cache"), show_default=True, help="Sensitivity cache folder (resumes interrupted runs).")
-@click.option("--memory-budget", type=float, default=1024, show_default=True, help="MiB of cached activations for fast sensitivity runs.")
+@click.option("--memory-budget", type=float, default=None, help=MEMORY_BUDGET_HELP)
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("--recover", "--calibrate", "calibrate_n", type=int, default=512, show_default=True, help="Unlabeled samples used to recover accuracy after pruning (needs --data or --calib-data; 0 = off; --calibrate is the old name). reconstruct costs about two forward passes over N samples plus the layer fits.")
 @click.option("--recovery-method", "--calibrate-method", "calibrate_method", type=click.Choice(CALIBRATE_METHODS), default=CALIBRATE_METHODS[0], show_default=True, help=CALIBRATE_HELP)
@@ -531,7 +533,7 @@ def analyze_cmd(model, input_shape, exclude, as_json):
 @click.option("--json", "as_json", is_flag=True, help="Print the drops as JSON on stdout instead of the table (no progress).")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="Write a PNG: curves, or a heatmap for 12+ groups (needs matplotlib).")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=Path(".onnxprune-cache"), show_default=True)
-@click.option("--memory-budget", type=float, default=1024, show_default=True)
+@click.option("--memory-budget", type=float, default=None, help=MEMORY_BUDGET_HELP)
 @click.option("--no-suffix", is_flag=True, help="Evaluate the full model for every measurement (slower; for comparison).")
 @click.option("--calibrate", "calibrate_n", type=int, default=512, show_default=True, help="Measure each drop after calibrating the pruned model on N samples, as the main command does by default (0 = off, about 5x faster).")
 @click.option("--calibrate-method", type=click.Choice(CALIBRATE_METHODS), default=CALIBRATE_METHODS[0], show_default=True, help=CALIBRATE_HELP)

@@ -53,6 +53,17 @@ class SensitivityRun:
     evaluations: int
     suffix_evaluations: int
     cached: int
+    cache_peak_bytes: int = 0  # most bytes of cached activations held at once (bounded by the memory budget)
+
+
+def default_memory_budget_mb() -> float:
+    """The default ``memory_budget_mb``: min(4096, 25% of MemAvailable) MiB, 1024 where /proc/meminfo is unreadable."""
+    try:
+        with open("/proc/meminfo") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return 1024.0
+    return float(min(4096, kib / 1024 * 0.25))
 
 
 def cache_key(model: onnx.ModelProto, evaluator: Evaluator, *, criterion: str, grid: Sequence[float], extra: str = "") -> str:
@@ -201,7 +212,7 @@ def analyze(
     criterion: str = "l1",
     cache_file: str | Path | None = None,
     cache_extra: str = "",
-    memory_budget_mb: float = 1024,
+    memory_budget_mb: float | None = None,
     suffix: bool = True,
     transform: Callable[[onnx.ModelProto, np.ndarray], onnx.ModelProto] | None = None,
     progress: Progress | None = None,
@@ -210,6 +221,9 @@ def analyze(
 
     ``transform(pruned_model, mask)`` (e.g. calibration) is applied to each
     pruned model before it is measured; it forces full-model evaluation.
+    ``memory_budget_mb`` (None: :func:`default_memory_budget_mb`) bounds the activations cached for
+    suffix runs: they are written chunk by chunk into arrays of at most that many MiB in all, so the
+    peak is the budget plus one chunk plus a fixed overhead (libraries, model, data, reference outputs).
     """
     t0 = time.perf_counter()
     grid = tuple(float(r) for r in grid)
@@ -236,7 +250,7 @@ def analyze(
     outputs = [o.name for o in cg.model.graph.output]
     use_suffix = suffix and transform is None
     dtypes = _tensor_dtypes(cg.model) if use_suffix else {}
-    budget = memory_budget_mb * 2**20
+    budget = (default_memory_budget_mb() if memory_budget_mb is None else memory_budget_mb) * 2**20
     todo = [g for g in groups if g.id not in results]
     plans, selects = {}, {}
     dynamic = _dynamic_tensors(cg.model) if use_suffix else set()
@@ -254,7 +268,7 @@ def analyze(
         size = sum(len(x) * int(np.prod(cg.shapes[f][1:])) * 4 for f in front) if ok else 0
         plans[g.id] = (nodes, front, ok and size <= budget, size)
     cache: dict[str, np.ndarray] = {}
-    evals = suffix_evals = 0
+    evals = suffix_evals = cache_peak = 0
     done = cached * len(grid)
     total = len(groups) * len(grid)
     if progress:
@@ -274,11 +288,9 @@ def analyze(
                     break
                 want += new
                 used += extra
-            cache = {}
-            feeds_needed = [f for f in want if f != input_name]
-            if feeds_needed:
-                vals = runner.run(cg.model, {input_name: x}, feeds_needed)
-                cache.update(zip(feeds_needed, vals))
+            cache = feeds = {}  # free the last window (feeds reference it too) before filling the next
+            cache = _fill_cache(runner, cg.model, x, input_name, [f for f in want if f != input_name])
+            cache_peak = max(cache_peak, sum(v.nbytes for v in cache.values()))
             cache[input_name] = x
             evals += 1
         drops = []
@@ -308,7 +320,21 @@ def analyze(
         if cache_file:
             write_text_atomic(cache_file, json.dumps({"key": key, "metric": metric, "baseline": baseline, "grid": grid, "drops": results}))
     curves = SensitivityCurves(metric, float(baseline), grid, {g.id: tuple(results[g.id]) for g in groups})
-    return SensitivityRun(curves, time.perf_counter() - t0, evals, suffix_evals, cached)
+    return SensitivityRun(curves, time.perf_counter() - t0, evals, suffix_evals, cached, cache_peak)
+
+
+def _fill_cache(runner: Runner, model: onnx.ModelProto, x: np.ndarray, input_name: str, names: list[str]) -> dict[str, np.ndarray]:
+    """Tensors ``names`` for all of ``x``, written chunk by chunk into preallocated arrays (no list of
+    chunks and no concatenated copy: the cache never needs twice its size)."""
+    cache: dict[str, np.ndarray] = {}
+    if not names:
+        return cache
+    for done, outs in runner.batches(model, {input_name: x}, names):
+        for name, out in zip(names, outs):
+            if name not in cache:
+                cache[name] = np.empty((len(x), *out.shape[1:]), dtype=out.dtype)
+            cache[name][done - len(out) : done] = out
+    return cache
 
 
 def curves_to_rows(cg: ChannelGraph, curves: SensitivityCurves) -> list[dict]:
