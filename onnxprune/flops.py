@@ -168,10 +168,9 @@ def count(
     index = GraphIndex(model)
     if shapes is None:
         if input_shapes is None:  # dynamic spatial dims: the file's metadata (Ultralytics imgsz) when present
-            from .input_shapes import from_metadata
+            from .input_shapes import metadata_shapes
 
-            meta = from_metadata(model)
-            input_shapes = meta.shapes if meta is not None else None
+            input_shapes = metadata_shapes(model)
         shapes = infer_shapes(model, input_shapes=input_shapes, need=shapes_needed(model, index))
     layers = []
     for k, node in enumerate(model.graph.node):

@@ -39,7 +39,7 @@ from .edits import ComputeMap, Edit, ShapeEntry, SliceBounds, SliceTensor, Split
 from .errors import UnsupportedModelError
 from .flops import is_compute, shapes_needed
 from .graph import GraphIndex, infer_shapes, node_label, opset_version
-from .input_shapes import from_metadata
+from .input_shapes import metadata_shapes
 from .normalize import apply_normalizations, plan_normalizations, summarize, why_not_constant
 from .rules import ChannelMap
 from .tensors import release_freed_memory
@@ -488,8 +488,7 @@ def find_groups(
             log.info("normalized constants: %s", summarize(normalizations))
     if shapes is None:
         if input_shapes is None:  # dynamic spatial dims: the file's metadata (Ultralytics imgsz) when present
-            meta = from_metadata(m)
-            input_shapes = meta.shapes if meta is not None else None
+            input_shapes = metadata_shapes(m)
         shapes = _analysis_shapes(m, input_shapes)
     ctx = _Context(m, shapes, exclude)
     index = ctx.index

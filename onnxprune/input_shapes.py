@@ -102,6 +102,12 @@ def from_metadata(model: onnx.ModelProto) -> InputShapes | None:
     return None
 
 
+def metadata_shapes(model: onnx.ModelProto) -> Mapping[str, tuple[int, ...]] | None:
+    """Shapes from :func:`from_metadata`, or None: the fallback of analysis and MAC counting."""
+    meta = from_metadata(model)
+    return meta.shapes if meta is not None else None
+
+
 def resolve(
     model: onnx.ModelProto,
     *,

@@ -75,24 +75,23 @@ def _subgraph_names(model: onnx.ModelProto) -> set[str]:
     """Names read inside If/Loop/Scan bodies (outer-scope captures must keep their producer)."""
     names: set[str] = set()
 
-    def walk(g: onnx.GraphProto) -> None:
+    def walk(g: onnx.GraphProto, inside: bool) -> None:
         for n in g.node:
-            names.update(i for i in n.input if i)
+            if inside:
+                names.update(i for i in n.input if i)
             for a in n.attribute:
-                if a.type == onnx.AttributeProto.GRAPH:
-                    walk(a.g)
-                elif a.type == onnx.AttributeProto.GRAPHS:
-                    for sg in a.graphs:
-                        walk(sg)
+                for sg in [a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs if a.type == onnx.AttributeProto.GRAPHS else []:
+                    walk(sg, True)
 
-    for n in model.graph.node:
-        for a in n.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                walk(a.g)
-            elif a.type == onnx.AttributeProto.GRAPHS:
-                for sg in a.graphs:
-                    walk(sg)
+    walk(model.graph, False)
     return names
+
+
+def _resolve(renames: Mapping[str, str], name: str) -> str:
+    """Follow bypassed ``Identity`` outputs back to the constant they pass on."""
+    while name in renames:
+        name = renames[name]
+    return name
 
 
 def _fold(node: onnx.NodeProto, values: list[np.ndarray], opset: int) -> np.ndarray | None:
@@ -142,11 +141,6 @@ def plan_normalizations(model: onnx.ModelProto) -> tuple[dict[str, str], dict[st
     folded: dict[str, np.ndarray] = {}
     changes: list[Normalization] = []
 
-    def resolve(name: str) -> str:
-        while name in renames:
-            name = renames[name]
-        return name
-
     def is_const(name: str) -> bool:
         return name in folded or index.is_const(name)
 
@@ -156,7 +150,7 @@ def plan_normalizations(model: onnx.ModelProto) -> tuple[dict[str, str], dict[st
     for node in model.graph.node:
         if node.domain not in ("", "ai.onnx") or len(node.output) != 1 or not node.output[0] or node.output[0] in keep:
             continue
-        ins = [resolve(i) for i in node.input if i]
+        ins = [_resolve(renames, i) for i in node.input if i]
         if not ins or not all(is_const(i) for i in ins):
             continue
         out = node.output[0]
@@ -181,19 +175,13 @@ def plan_normalizations(model: onnx.ModelProto) -> tuple[dict[str, str], dict[st
 
 def apply_normalizations(model: onnx.ModelProto, renames: Mapping[str, str], folded: Mapping[str, np.ndarray]) -> None:
     """Apply a plan from :func:`plan_normalizations` to ``model`` in place."""
-
-    def resolve(name: str) -> str:
-        while name in renames:
-            name = renames[name]
-        return name
-
     g = model.graph
     drop = set(renames) | set(folded)
     kept_nodes = [n for n in g.node if not (len(n.output) == 1 and n.output[0] in drop)]
     for n in kept_nodes:
         for k, i in enumerate(n.input):
             if i in renames:
-                n.input[k] = resolve(i)
+                n.input[k] = _resolve(renames, i)
     del g.node[:]
     g.node.extend(kept_nodes)
     for name, v in folded.items():
