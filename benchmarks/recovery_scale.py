@@ -92,7 +92,7 @@ def one(n: int, rows: int) -> dict:
     applied = [f for f in res.layers if f.applied]
     return {
         "n": n, "reduction": alloc.reduction, "forward_s": forward, "recon_s": seconds, "timings": res.timings,
-        "peak_rss_mb": peak, "rss_before_recon_mb": rss_before, "cache_peak_mb": res.cache_peak_mb, "layers": len(res.layers),
+        "peak_rss_mb": peak, "rss_before_recon_mb": rss_before, "cache_peak_mb": res.cache_peak_mb, "spill_peak_mb": res.spill_peak_mb, "layers": len(res.layers),
         "applied": len(applied), "err_pruned": err(pruned), "err_recon": err(res.model), "load": [load0, load1],
         "layer_err": [float(np.median([f.error_before for f in applied])), float(np.median([f.error_after for f in applied]))] if applied else None,
     }
@@ -139,7 +139,8 @@ def render(rows: list[dict], args, started: str, load_start, wall: float) -> str
         "",
         f"Model: `models.zoo` resnet50 (seeded random weights, randomized BN statistics, legacy exporter), uniform L1 pruning to -{TARGET:.0%} MACs "
         f"(round_to 8, achieved -{rows[0]['reduction']:.1%}). Reconstruction: `Reconstructor(cg, x, rows={args.rows}).recover(mask, pruned)`, "
-        "defaults otherwise (mode blockwise, scope consumers, ridge 1e-3). Samples: random normal (random weights: only time, memory and output error mean anything).",
+        "defaults otherwise (mode blockwise, scope consumers, ridge 1e-3, memory_budget_mb 4096: the sampled targets get up to 512 MiB, "
+        "the activations kept between layers the rest, float16 and then spill files past it; `spill_peak_mb` in the JSON). Samples: random normal (random weights: only time, memory and output error mean anything).",
         "",
         "| samples | forward pass, original (s) | reconstruction (s) | ratio | picks / targets / activations / normal equations / solves (s) | peak RSS (MB) | activation cache peak (MB) | layers fitted | logits error pruned -> reconstructed | median layer error |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",

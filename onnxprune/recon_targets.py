@@ -3,7 +3,9 @@
 :class:`OriginalPass` runs the original model once over the samples and
 returns, per layer, its target rows (``{node: (N * k, O)}``: the picked output
 positions of every sample, kept channels), float16 when they would exceed
-``target_budget`` bytes.
+``target_budget`` bytes, and written to a spill file (:class:`onnxprune.activations.Spilled`,
+read back batch by batch) when even float16 would exceed it; :meth:`OriginalPass.close`
+removes the files.
 
 * :meth:`OriginalPass.sampled_targets` (used whenever it applies): the original
   model plus, per layer, ``Reshape -> Transpose -> Flatten -> Gather`` nodes
@@ -20,15 +22,17 @@ positions of every sample, kept channels), float16 when they would exceed
 from __future__ import annotations
 
 import logging
+import tempfile
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .activations import Spilled
 from .extract import has_subgraphs, prefix
 from .groups import ChannelGraph
 from .layerfit import Layer, Normal, gather, input_rows, output_rows
-from .runtime import Runner, data_inputs, fixed_batch
+from .runtime import CHUNK_BYTES, Runner, data_inputs, fixed_batch, lean_batch
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +44,41 @@ class OriginalPass:
 
     def __init__(self, cg: ChannelGraph, runner: Runner, x: np.ndarray, *, batch: int, target_budget: float):
         self.cg, self.runner, self.x, self.batch, self.target_budget = cg, runner, x, int(batch), float(target_budget)
+        self._folder: tempfile.TemporaryDirectory | None = None
+        self._spilled: list[Spilled] = []
+        self.spilled_bytes = 0
+
+    def close(self) -> None:
+        """Remove the spill files of the targets (they are only read while the layers are fitted)."""
+        for s in self._spilled:
+            s.close()
+        self._spilled = []
+        if self._folder is not None:
+            self._folder.cleanup()
+            self._folder = None
+
+    def _store(self, rows: int, width: int, size: int):
+        """An empty ``(rows, width)`` target store: float32, float16 over the budget, a spill file over it even as float16."""
+        if 4 * size <= self.target_budget:
+            return np.empty((rows, width), dtype=np.float32)
+        if 2 * size <= self.target_budget:
+            return np.empty((rows, width), dtype=np.float16)
+        if self._folder is None:
+            self._folder = tempfile.TemporaryDirectory(prefix="onnxprune-targets-")
+            log.info("reconstruction targets over %.0f MB even as float16: spilling to %s", self.target_budget / 2**20, self._folder.name)
+        s = Spilled(self._folder.name, np.float16, (width,))
+        self._spilled.append(s)
+        self.spilled_bytes += rows * width * 2
+        return s
+
+    @staticmethod
+    def _put(out, start: int, y: np.ndarray) -> None:
+        """Rows ``start...`` of a target store; batches come in order, so a spill file is appended to."""
+        if isinstance(out, Spilled):
+            assert len(out) == start, (len(out), start)
+            out.append(y.astype(np.float16))
+        else:
+            out[start : start + len(y)] = y
 
     def full_pass(self, layers: list[Layer], picks: dict, kept, normals: dict | None) -> dict[str, np.ndarray]:
         """Sampled target rows of every layer, ``{node: (N * k, O)}``, in one pass of the original model.
@@ -53,8 +92,8 @@ class OriginalPass:
             log.info("reconstruction targets over %.0f MB: kept as float16", self.target_budget / 2**20)
         names = list(dict.fromkeys([L.target for L in layers] + ([L.x for L in layers] if normals is not None else [])))
         per_sample = sum(4 * int(np.prod([d for d in (self.cg.shapes.get(t) or (1,))[1:] if isinstance(d, int)] or [1])) for t in names)
-        batch = max(1, min(self.batch, int(512 * 2**20 // max(per_sample, 1))))  # the requested tensors of one batch stay under 512 MB
-        runner = Runner(device=self.runner.device, batch_size=batch, threads=self.runner.threads)
+        batch, arena = lean_batch(per_sample, self.runner.batch, chunk_bytes=4 * CHUNK_BYTES)  # the requested tensors of one batch stay under 256 MB
+        runner = Runner(device=self.runner.device, batch_size=batch, threads=self.runner.threads, arena=arena and self.runner.arena)
         out: dict[str, np.ndarray] = {}
         start = 0
         for done, vals in runner.batches(prefix(self.cg.model, names), self.x, names):
@@ -65,8 +104,8 @@ class OriginalPass:
                 if L.target_keep is not None:
                     y = y[:, L.target_keep]
                 if L.node not in out:
-                    out[L.node] = np.empty((n * pk.shape[1], y.shape[1]), dtype=dtype)
-                out[L.node][start * pk.shape[1] : done * pk.shape[1]] = y
+                    out[L.node] = self._store(n * pk.shape[1], y.shape[1], sum(sizes.values()))
+                self._put(out[L.node], start * pk.shape[1], y)
                 if normals is not None:
                     xk = self._kept_input(v[L.x], L, kept)
                     self._accumulate(normals[L.node], L, xk, pk, y.astype(np.float32), start)
@@ -105,12 +144,13 @@ class OriginalPass:
                 out = f"{p}_k"
             g.output.append(onnx.ValueInfoProto(name=out))
             idx_names.append(f"{p}_rows")
-        sess = self.runner.session(base)
         n, input_name = len(self.x), data_inputs(self.cg.model)[0].name
+        tapped = sum(4 * int(np.prod(self.cg.shapes[L.target][1:])) for L in layers if all(isinstance(d, int) for d in self.cg.shapes[L.target][1:]))
+        step, arena = lean_batch(tapped, min(self.batch, TARGET_BATCH), chunk_bytes=4 * CHUNK_BYTES)  # every tapped tensor is alive in ORT at once
+        sess = Runner(device=self.runner.device, batch_size=step, threads=self.runner.threads, arena=arena and self.runner.arena).session(base)
         size = sum(n * picks[L.node].shape[1] * (len(L.target_keep) if L.target_keep is not None else self._width(L.target, L.target_axis)) for L in layers)
         dtype = np.float16 if 4 * size > self.target_budget else np.float32
         out: dict[str, np.ndarray] = {}
-        step = min(self.batch, TARGET_BATCH)  # every tapped tensor is alive in ONNX Runtime at once: a small batch bounds its memory
         for start in range(0, n, step):
             end = min(n, start + step)
             feeds = {input_name: np.ascontiguousarray(self.x[start:end])}
@@ -120,8 +160,8 @@ class OriginalPass:
             for L, y in zip(layers, sess.run_once(feeds)):
                 k = picks[L.node].shape[1]
                 if L.node not in out:
-                    out[L.node] = np.empty((n * k, y.shape[1]), dtype=dtype)
-                out[L.node][start * k : end * k] = y
+                    out[L.node] = self._store(n * k, y.shape[1], size)
+                self._put(out[L.node], start * k, y)
         return out
 
     def _width(self, tensor: str, axis: int) -> int:

@@ -76,7 +76,7 @@ from .fold import Params
 from .groups import ChannelGraph
 from .layerfit import Layer, Normal, current, describe, gather, input_rows, output_rows, write
 from .recon_targets import OriginalPass
-from .runtime import Runner
+from .runtime import Runner, largest_activation
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,7 @@ class ReconstructionResult:
     mode: str = "blockwise"
     timings: dict = field(default_factory=dict, compare=False)  # seconds per phase: picks, targets, activations, normals, fit (solves)
     cache_peak_mb: float = 0.0
+    spill_peak_mb: float = 0.0  # most MiB written to spill files at once (targets or activations over the memory budget)
 
     method = "reconstruct"
 
@@ -167,11 +168,15 @@ class Reconstructor:
         self.x = _check_x(cg.model, x)[:max_samples]
         self.rows, self.ridge, self.seed = int(rows), float(ridge), int(seed)
         self.mode, self.scope = mode, scope
-        self.target_budget = float(target_budget_mb) * 2**20
-        self.memory_budget = float(memory_budget_mb) * 2**20
+        # memory_budget_mb bounds all that recovery keeps for all samples: the sampled targets get up to a
+        # quarter of it (at most target_budget_mb), the activations kept between layers the rest; past
+        # their share both go float16, then to spill files (activations.Spilled)
+        self.target_budget = min(float(target_budget_mb), float(memory_budget_mb) / 4) * 2**20
+        self.memory_budget = float(memory_budget_mb) * 2**20 - self.target_budget
         self.batch = int(batch_size)
-        # a fixed-batch model runs its batch at a time; the runtime pads the last chunk and trims its outputs
-        self.runner = Runner(device=device, batch_size=batch_size, threads=threads)
+        # a fixed-batch model runs its batch at a time; the runtime pads the last chunk and trims its outputs;
+        # large activations get smaller chunks without ORT's arena (runtime.lean_batch): one chunk stays small
+        self.runner = Runner(device=device, batch_size=batch_size, threads=threads).lean(largest_activation(cg.shapes))
         self.compute = {c.node: c for c in cg.compute}
         self.nodes = {n.name: n for n in cg.model.graph.node}
 
@@ -254,34 +259,40 @@ class Reconstructor:
         t = time.perf_counter()
         picks = {L.node: self._picks(L, features[L.node], k) for k, L in enumerate(layers)}
         timings["picks"] = time.perf_counter() - t
-        peak = 0.0
+        peak = spill = 0.0
         if layers:
             normals = {L.node: (Normal(), Normal()) for L in layers} if self.mode == "layerwise" else None
             t = time.perf_counter()
             original = OriginalPass(self.cg, self.runner, self.x, batch=self.batch, target_budget=self.target_budget)
-            targets = original.sampled_targets(layers, picks) if normals is None else None
-            if targets is None:
-                targets = original.full_pass(layers, picks, kept, normals)
-            timings["targets"] = time.perf_counter() - t
             stream = Stream(self.runner, m, self.x, budget_bytes=self.memory_budget) if normals is None else None
-            for done, L in enumerate(layers, 1):
-                if normals is None:
+            try:
+                targets = original.sampled_targets(layers, picks) if normals is None else None
+                if targets is None:
+                    targets = original.full_pass(layers, picks, kept, normals)
+                timings["targets"] = time.perf_counter() - t
+                for done, L in enumerate(layers, 1):
+                    if normals is None:
+                        t = time.perf_counter()
+                        vals = stream.get(m, [L.x] + ([L.side] if L.side else []))
+                        timings["activations"] += time.perf_counter() - t
+                        t = time.perf_counter()
+                        eqs = self._sequential_normals(L, vals, picks[L.node], targets.pop(L.node))
+                        timings["normals"] += time.perf_counter() - t
+                    else:
+                        eqs = normals.pop(L.node)
                     t = time.perf_counter()
-                    vals = stream.get(m, [L.x] + ([L.side] if L.side else []))
-                    timings["activations"] += time.perf_counter() - t
-                    t = time.perf_counter()
-                    eqs = self._sequential_normals(L, vals, picks[L.node], targets.pop(L.node))
-                    timings["normals"] += time.perf_counter() - t
-                else:
-                    eqs = normals.pop(L.node)
-                t = time.perf_counter()
-                fits.append(self._fit(params, pnodes[L.node], L, *eqs))
-                timings["fit"] += time.perf_counter() - t
-                if progress:
-                    progress(done, len(layers))
+                    fits.append(self._fit(params, pnodes[L.node], L, *eqs))
+                    timings["fit"] += time.perf_counter() - t
+                    if progress:
+                        progress(done, len(layers))
+            finally:  # spill files go on error too
+                original.close()
+                if stream is not None:
+                    stream.close()
             peak = stream.peak_bytes / 2**20 if stream is not None else 0.0
+            spill = (original.spilled_bytes + (stream.spilled_peak_bytes if stream is not None else 0)) / 2**20
         seconds = time.perf_counter() - t0
-        result = ReconstructionResult(m, tuple(fits), len(self.x), seconds, self.mode, timings, peak)
+        result = ReconstructionResult(m, tuple(fits), len(self.x), seconds, self.mode, timings, peak, spill if layers else 0.0)
         log.info("%s", result.summary())
         return result
 

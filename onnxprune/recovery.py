@@ -67,15 +67,20 @@ def make_recovery(
     device: str = "cpu",
     threads: int | None = None,
     progress: Progress | None = None,
+    memory_budget_mb: float | None = None,
     **options,
 ) -> Recovery:
     """The :class:`Recovery` for ``method``, fitted on ``x``. ``options`` go to the method's class
-    (e.g. ``mode="blockwise"`` for reconstruct, ``affine_outputs=False`` for the calibration family)."""
+    (e.g. ``mode="blockwise"`` for reconstruct, ``affine_outputs=False`` for the calibration family).
+    ``memory_budget_mb`` (``--memory-budget``; None: the class's default) bounds what reconstruction
+    keeps between layers; the calibration family bounds its cache per call (``calibrate(memory_budget_mb=)``)."""
     if method not in METHODS:
         raise UsageError(f"unknown recovery method '{method}'", fix="use --recovery-method " + ", ".join(METHODS))
     if method == "reconstruct":
         from .reconstruct import Reconstructor
 
+        if memory_budget_mb is not None:
+            options.setdefault("memory_budget_mb", memory_budget_mb)
         return Reconstructor(cg, x, batch_size=batch_size, device=device, threads=threads, **options)
     from .calibrate import Calibrator
 

@@ -74,13 +74,16 @@ def check_batch_size(batch_size) -> int:
     return int(batch_size)
 
 
-def session_options(threads: int | None = None, *, optimize: bool = True, config: Mapping[str, str] | None = None):
+def session_options(threads: int | None = None, *, optimize: bool = True, config: Mapping[str, str] | None = None, arena: bool = True):
     """ORT ``SessionOptions``: ``threads`` intra-op threads (None: ORT's default), errors-only logging,
     all graph optimizations unless ``optimize=False`` (dry runs that read tensor shapes); ``config``:
-    session config entries, e.g. ``{"session.intra_op.allow_spinning": "0"}`` (latency measurements)."""
+    session config entries, e.g. ``{"session.intra_op.allow_spinning": "0"}`` (latency measurements);
+    ``arena=False`` turns ORT's CPU memory arena off (see :func:`lean_batch`)."""
     ort = _ort()
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    if not arena:
+        opts.enable_cpu_mem_arena = False
     for key, value in (config or {}).items():
         opts.add_session_config_entry(str(key), str(value))
     if not optimize:
@@ -341,6 +344,7 @@ def make_session(
     providers: Sequence[str] | None = None,
     optimize: bool = True,
     config: Mapping[str, str] | None = None,
+    arena: bool = True,
 ) -> Session:
     """Open ``model`` (proto, serialized bytes or path) on ``device``; DeviceError if CUDA is asked for and not really used.
 
@@ -349,7 +353,7 @@ def make_session(
     providers = list(providers) if providers is not None else resolve_providers(device)
     source, what = _source(model)
     ort = _ort()
-    opts = session_options(threads, optimize=optimize, config=config)
+    opts = session_options(threads, optimize=optimize, config=config, arena=arena)
     try:
         sess = ort.InferenceSession(source, opts, providers=providers)
     except Exception as exc:
@@ -374,10 +378,11 @@ class Runner:
     outputs to a copy of the model (:func:`onnxprune.extract.with_outputs`).
     """
 
-    def __init__(self, *, device: Device = "auto", batch_size: int = 64, threads: int | None = None):
+    def __init__(self, *, device: Device = "auto", batch_size: int = 64, threads: int | None = None, arena: bool = True):
         self.device = check_device(device)
         self.batch = check_batch_size(batch_size)
         self.threads = threads
+        self.arena = bool(arena)
         session_options(threads)  # validate --threads now, not at the first run
         self.providers = resolve_providers(device)
 
@@ -390,7 +395,14 @@ class Runner:
                 from .extract import with_outputs
 
                 model = with_outputs(model, missing)
-        return make_session(model, device=self.device, threads=self.threads, providers=self.providers)
+        return make_session(model, device=self.device, threads=self.threads, providers=self.providers, arena=self.arena)
+
+    def lean(self, per_sample_bytes: float) -> "Runner":
+        """This runner, or one with the batch and arena of :func:`lean_batch` when a chunk would be large."""
+        batch, arena = lean_batch(per_sample_bytes, self.batch)
+        if batch == self.batch and arena == self.arena:
+            return self
+        return Runner(device=self.device, batch_size=batch, threads=self.threads, arena=arena)
 
     def batches(self, model: onnx.ModelProto, x, outputs: Sequence[str] | None = None) -> Iterator[tuple[int, list[np.ndarray]]]:
         """``(samples done, requested outputs)`` chunk by chunk (fixed-batch chunks trimmed to their real samples)."""
@@ -401,7 +413,57 @@ class Runner:
         return self.session(model, outputs).run(x, batch_size=self.batch, outputs=outputs, progress=progress)
 
 
+# --------------------------------------------------------------------------- memory of one chunk
+CHUNK_BYTES = 64 * 2**20  # the largest activation of one chunk (all its samples) stays under this
+
+
+def lean_batch(per_sample_bytes: float, batch: int, *, chunk_bytes: float = CHUNK_BYTES) -> tuple[int, bool]:
+    """``(batch, arena)`` for runs whose largest activation takes ``per_sample_bytes`` per sample.
+
+    ONNX Runtime's working memory for one chunk is a few times its largest activation times the
+    samples in the chunk, and its CPU arena keeps that memory (grown in power-of-two steps) for the
+    session's life. So that one chunk adds a bounded amount to a run's peak (the overhead beside
+    ``--memory-budget``), a chunk whose largest activation would pass ``chunk_bytes`` gets fewer
+    samples, ``floor(chunk_bytes / per_sample_bytes)`` (at least 1), and runs without the arena
+    (freed tensors go back to the allocator at once). Small models keep ``batch`` and the arena
+    (demo ResNet-20: 50 KB per sample, the default 64-sample chunk is 3 MB): their speed is unchanged.
+    Example: ResNet-50 at 224 (3.2 MB per sample) -> ``(20, False)``.
+    """
+    if per_sample_bytes * batch <= chunk_bytes:
+        return batch, True
+    return max(1, int(chunk_bytes // max(per_sample_bytes, 1))), False
+
+
+def largest_activation(shapes: Mapping[str, Sequence], itemsize: int = 4) -> int:
+    """Bytes per sample of the largest tensor with a batch axis among ``shapes`` (``{name: shape}``; unknown dims skipped)."""
+    best = 0
+    for shape in shapes.values():
+        if shape and len(shape) >= 2 and all(isinstance(d, int) and d > 0 for d in shape[1:]):
+            best = max(best, int(np.prod(shape[1:])) * itemsize)
+    return best
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim  # glibc only
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+def release_memory() -> None:
+    """Give memory freed by ONNX Runtime and numpy back to the OS (glibc ``malloc_trim``; no-op elsewhere).
+
+    glibc keeps freed blocks below its (adaptive, up to 32 MB) mmap threshold in the heap, so after a
+    session with large chunks is closed the process's resident size would stay at its high-water mark."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
 __all__ = [
-    "CPU", "CUDA", "DEVICES", "Runner", "Session", "check_batch_size", "check_device", "data_inputs", "fixed_batch",
-    "make_session", "resolve_providers", "session_options",
+    "CHUNK_BYTES", "CPU", "CUDA", "DEVICES", "Runner", "Session", "check_batch_size", "check_device", "data_inputs", "fixed_batch",
+    "largest_activation", "lean_batch", "make_session", "release_memory", "resolve_providers", "session_options",
 ]  # fmt: skip

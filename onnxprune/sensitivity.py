@@ -38,7 +38,7 @@ from .extract import suffix as suffix_model
 from .graph import proto_size, write_text_atomic
 from .groups import ChannelGraph
 from .rewrite import apply_mask
-from .runtime import Runner, data_inputs, fixed_batch
+from .runtime import Runner, data_inputs, fixed_batch, largest_activation, release_memory
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +243,8 @@ def analyze(
         except (OSError, ValueError) as exc:
             log.warning("ignoring unreadable sensitivity cache %s: %s", cache_file, exc)
     cached = sum(1 for g in groups if g.id in results)
-    runner = Runner(device=evaluator.device, batch_size=evaluator.batch_size, threads=evaluator.threads)
+    # large activations: smaller chunks without ORT's arena, memory handed back after each run (runtime.lean_batch)
+    runner = Runner(device=evaluator.device, batch_size=evaluator.batch_size, threads=evaluator.threads).lean(largest_activation(cg.shapes))
     x = evaluator.dataset.x
     input_name = data_inputs(cg.model)[0].name
     batch = fixed_batch(cg.model)  # suffix inputs keep a fixed batch: the runtime pads the last chunk
@@ -306,12 +307,15 @@ def analyze(
             if ok:
                 feeds, shapes = _select_feeds(cg, mask, front, selects[g.id], cache)
                 sm = suffix_model(pruned, {n.name for n in nodes}, front, shapes, dtypes, batch=batch)
+                pruned = None  # the suffix holds what it needs: one copy of the weights less while it runs
                 outs = runner.run(sm, feeds)
                 suffix_evals += 1
             else:
                 outs = runner.run(pruned, {input_name: x})
                 evals += 1
             value = getattr(compute_metrics(outs, labels=evaluator.dataset.y, reference=ref), metric)
+            if not runner.arena:
+                release_memory()
             drops.append(float(baseline - value))
             done += 1
             if progress:
