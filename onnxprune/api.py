@@ -13,6 +13,7 @@ never prints.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -36,6 +37,7 @@ from .importance import CRITERIA, score_units
 from .plan import PruningPlan
 from .report import GroupRow, PruneReport
 from .rewrite import apply_mask
+from .runtime import largest_activation, lean_batch
 from .sensitivity import DEFAULT_GRID, analyze
 
 log = logging.getLogger(__name__)
@@ -63,7 +65,7 @@ class PruneOptions:
     target_flops: float | None = DEFAULT_TARGET_FLOPS  # None: only with a saved plan (prune(plan=...)), which decides the channels
     strategy: str = "auto"  # auto: sensitivity with data, uniform without
     criterion: str = "l1"
-    round_to: int | str = "auto"  # "auto": the CPU's SIMD channel block (16 with AVX-512, else 8), halved if the target needs it
+    round_to: int | str = "auto"  # "auto": the SIMD block only for groups whose measured time steps at it (onnxprune.rounding), else any count
     exclude: tuple[str, ...] = ()
     input_shapes: Mapping[str, tuple[int, ...]] | None = None
     device: str = "auto"
@@ -156,14 +158,21 @@ def criterion_samples(cg: ChannelGraph, options: PruneOptions, data, calib_data)
     return check_model_input(cg.model, ds, flag=flag).x
 
 
-def make_calibrator(cg: ChannelGraph, x: np.ndarray, method: str, *, batch_size: int = 64, device: str = "cpu", progress=None):
+def make_calibrator(cg: ChannelGraph, x: np.ndarray, method: str, *, batch_size: int = 64, device: str = "cpu", progress=None, memory_budget_mb: float | None = None):
     """The recovery for ``method`` (:func:`onnxprune.recovery.make_recovery`; this older name stays).
 
     Both kinds implement ``recover(mask, pruned)`` and ``transform()``, and still accept
     ``calibrate(mask, pruned, method=...)`` / ``transform(method=...)``."""
     from .recovery import make_recovery
 
-    return make_recovery(cg, x, method, batch_size=batch_size, device=device, progress=progress)
+    return make_recovery(cg, x, method, batch_size=batch_size, device=device, progress=progress, memory_budget_mb=resolved_memory_budget(memory_budget_mb))
+
+
+def resolved_memory_budget(memory_budget_mb: float | None) -> float:
+    """``--memory-budget`` in MiB; None: :func:`onnxprune.sensitivity.default_memory_budget_mb`."""
+    from .sensitivity import default_memory_budget_mb
+
+    return default_memory_budget_mb() if memory_budget_mb is None else float(memory_budget_mb)
 
 
 def _noop(stage: str, done: int, total: int) -> None:
@@ -223,10 +232,12 @@ def check_model_input(model: onnx.ModelProto, ds, *, flag: str = "--data"):
     return check_against_model(ds, shape, dtype, input_name=inputs[0].name, num_classes=None, flag=flag)
 
 
-def build_evaluator(model: onnx.ModelProto, data: str, options: PruneOptions, progress: StageProgress) -> Evaluator:
+def build_evaluator(model: onnx.ModelProto, data: str, options: PruneOptions, progress: StageProgress, *, shapes=None) -> Evaluator:
+    """``shapes`` (``cg.shapes``): chunks whose largest activation would pass 64 MiB get fewer samples (runtime.lean_batch)."""
     ds = load_dataset(data, limit=options.limit, image_options=options.image_options)
+    batch = lean_batch(largest_activation(shapes), options.batch_size)[0] if shapes else options.batch_size
     return Evaluator.from_original(
-        ds, model, device=options.device, batch_size=options.batch_size, progress=lambda d, t: progress("reference", d, t)
+        ds, model, device=options.device, batch_size=batch, progress=lambda d, t: progress("reference", d, t)
     )
 
 
@@ -240,18 +251,20 @@ def allocate_plan(
     progress: StageProgress,
     calibrator=None,
     cost: allocate.CostModel | None = None,
+    rounding=None,
 ) -> tuple[allocate.Allocation, dict]:
     """Run the chosen strategy; returns the allocation and extra report details.
 
     With ``cost`` (a latency cost) the target is ``options.target_latency`` as a cut of the cost,
     the counts are the cost's levels (no ``round_to`` candidates), and ``detail["sensitivity_curves"]``
-    lets :func:`strategy_fn` re-run the allocation for other targets (the closed loop)."""
+    lets :func:`strategy_fn` re-run the allocation for other targets (the closed loop). With
+    ``rounding`` (``--round-to auto``, MAC target) the counts are its measured per-group levels."""
     strategy = resolved_strategy(options, evaluator is not None)
     candidates = round_to_candidates(options.round_to)
     if strategy == "uniform":
         if cost is not None:
             return strategy_fn(cg, scores, strategy, None, cost)(options.target_latency), {"sensitivity_curves": None}
-        return _with_rounding(candidates, lambda r: allocate.uniform(cg, scores, target=options.target_flops, round_to=r)), {}
+        return _mac_allocation(cg, candidates, rounding, lambda r, c: allocate.uniform(cg, scores, target=options.target_flops, round_to=r, cost=c))
     if evaluator is None:
         raise UsageError(f"--strategy {strategy} measures accuracy and needs data", fix="pass --data DATA or use --strategy uniform")
     run = analyze(
@@ -270,8 +283,9 @@ def allocate_plan(
     if cost is not None:
         alloc = strategy_fn(cg, scores, strategy, run.curves, cost)(options.target_latency)
     else:
-        alloc = _with_rounding(candidates, lambda r: fn(cg, scores, run.curves, target=options.target_flops, round_to=r))
+        alloc, extra = _mac_allocation(cg, candidates, rounding, lambda r, c: fn(cg, scores, run.curves, target=options.target_flops, round_to=r, cost=c))
     detail = {
+        **extra,
         "sensitivity_seconds": run.seconds,
         "sensitivity_metric": run.curves.metric,
         "sensitivity_cached_groups": run.cached,
@@ -304,7 +318,8 @@ def latency_setup(cg: ChannelGraph, scores: np.ndarray, options: PruneOptions, p
     settings = resolve_settings(options.latency_device or options.device, batch=options.latency_batch, threads=options.latency_threads)
     lm = build_latency_model(cg, settings, cache_dir=options.cache_dir, rounds=options.latency_repeats, max_spread=options.latency_max_spread,
                              progress=lambda d, t: progress("latency table", d, t))
-    cost = LatencyCost(lm, allocate.MaskBuilder(cg, scores))
+    # an explicit --round-to N restricts the levels to multiples of N; auto keeps the table's own step
+    cost = LatencyCost(lm, allocate.MaskBuilder(cg, scores), round_to=None if options.round_to == "auto" else int(options.round_to))
     return lm, cost, allocate.check_reachable(cg, scores, target=options.target_latency, round_to=1, cost=cost)
 
 
@@ -344,6 +359,53 @@ def mac_latency_detail(cg: ChannelGraph, mask: np.ndarray, pruned: onnx.ModelPro
     if note:
         out["latency_note"] = note
     return out
+
+
+def rounding_setup(cg: ChannelGraph, options: PruneOptions, progress: StageProgress):
+    """``--round-to auto`` with a MAC target: (:class:`~onnxprune.rounding.AutoRounding`, None), or
+    (None, note) when latency cannot be measured here (then the global multiple, as before)."""
+    from .errors import OnnxPruneError
+    from .latency_table import resolve_settings
+    from .rounding import rounding_setup as setup
+
+    try:
+        settings = resolve_settings(options.latency_device or options.device, batch=options.latency_batch, threads=options.latency_threads)
+        return setup(cg, settings, cache_dir=rounding_cache_dir(options.cache_dir), progress=progress), None
+    except OnnxPruneError as exc:
+        note = (f"--round-to auto could not measure latency here ({exc}); every group was rounded to multiples of "
+                f"{round_to_candidates('auto')[0]} (halved where the target needs it)")
+        log.warning(note)
+        return None, note
+
+
+def rounding_cache_dir(cache_dir) -> str | None:
+    """Where ``--round-to auto`` keeps its measured layer times. They are facts about this machine,
+    not about one model, so by default (no ``--cache-dir``, or the CLI's ``.onnxprune-cache``) they go
+    to the user's cache, ``~/.cache/onnxprune`` (``$XDG_CACHE_HOME/onnxprune``), shared by every model
+    and project here, and a plain run leaves nothing in the working folder. Another ``--cache-dir`` is
+    used as given. None (measure, keep nothing) when the folder cannot be created."""
+    if cache_dir is not None and Path(cache_dir) != Path(".onnxprune-cache"):
+        return str(cache_dir)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    folder = Path(base) / "onnxprune"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        log.warning("no latency cache for --round-to auto (%s): measuring without keeping the times", exc)
+        return None
+    return str(folder)
+
+
+def _mac_allocation(cg: ChannelGraph, candidates: list[int], rounding, run) -> tuple[allocate.Allocation, dict]:
+    """``run(round_to, cost)`` at today's global multiples, or on the measured per-group levels of
+    ``rounding`` plus the unrounded (round-to 1) plan from the same data, in ``detail["unrounded_allocation"]``."""
+    if rounding is None:
+        return _with_rounding(candidates, lambda r: run(r, None)), {}
+    from .rounding import allocate_rounded
+
+    alloc = allocate_rounded(rounding, cg, lambda cost: run(1, cost))
+    kept = {k: v for k, v in alloc.detail.items() if k not in ("cost", "cost_reduction")}
+    return replace(alloc, detail={**kept, "round_to": rounding.stair_step}), {"unrounded_allocation": run(1, None)}
 
 
 def _with_rounding(candidates: list[int], run):
@@ -422,7 +484,8 @@ def prune(
     the_plan = PruningPlan.load(plan) if plan is not None else None
     mask = the_plan.to_mask(cg) if the_plan is not None else None
     scores = score_units(cg, options.criterion, seed=options.seed, data=criterion_samples(cg, options, data, calib_data), device=options.device)
-    lat = None
+    lat = rounding = mask_unrounded = None
+    detail: dict = {}
     if the_plan is None:
         if options.target_flops is None and options.target_latency is None:
             raise UsageError("no --target-flops and no --plan: nothing says how much to prune", fix="pass e.g. --target-flops 0.3, or apply a saved plan with --plan PLAN")
@@ -443,22 +506,28 @@ def prune(
     metrics: dict[str, dict] = {}
     if data is not None:
         t = time.perf_counter()
-        evaluator = build_evaluator(cg.model, data, options, progress)
+        evaluator = build_evaluator(cg.model, data, options, progress, shapes=cg.shapes)
         provider = make_session(cg.model, device=options.device).provider
         ref = evaluator.reference_outputs
         metrics["original"] = compute_metrics(list(ref), labels=evaluator.dataset.y, reference=ref).to_dict()
         timings["reference"] = time.perf_counter() - t
+    if the_plan is None and options.target_latency is None and options.round_to == "auto":
+        # which groups rounding speeds up: measured (cached) after every input and data check
+        t = time.perf_counter()
+        rounding, note = rounding_setup(cg, options, progress)
+        timings["rounding"] = time.perf_counter() - t
+        if note:
+            detail["rounding"] = {"mode": "fallback", "note": note}
 
     calibrator = None
     if options.calibrate and (calib_data is not None or evaluator is not None):
         t = time.perf_counter()
         source = calib_source if calib_source is not None else evaluator.dataset
-        calibrator = make_calibrator(cg, source.x[: options.calibrate], options.calibrate_method, batch_size=options.batch_size, device=options.device,
+        calibrator = make_calibrator(cg, source.x[: options.calibrate], options.calibrate_method, batch_size=options.batch_size, device=options.device, memory_budget_mb=options.memory_budget_mb,
                                      progress=lambda d, tt: progress("calibration", d, tt))
         timings["calibration_stats"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    detail: dict = {}
     note = criterion_fallback_note(cg, options.criterion)
     if note:
         log.warning(note)
@@ -471,14 +540,21 @@ def prune(
         cal = calibrator is not None and options.calibrated_sensitivity
         variant = sensitivity_variant(options.criterion, len(calibrator.x) if cal else 0, options.calibrate_method)
         cache = cache_file(options.cache_dir, model_path, variant) if evaluator is not None and options.strategy != "uniform" else None
-        alloc, detail = allocate_plan(
+        alloc, found = allocate_plan(
             cg, scores, options, evaluator=evaluator, cache=cache, progress=progress,
-            calibrator=calibrator if options.calibrated_sensitivity else None, cost=lat[1] if lat else None,
+            calibrator=calibrator if options.calibrated_sensitivity else None, cost=lat[1] if lat else None, rounding=rounding,
         )
+        detail.update(found)
         curves = detail.pop("sensitivity_curves", None)
+        unrounded = detail.pop("unrounded_allocation", None)
         if lat is not None:
             alloc, detail["latency"] = latency_loop(cg, scores, options, lat, curves, evaluator is not None, progress)
         mask = allocate.MaskBuilder(cg, scores).mask(alloc.keep)
+        if rounding is not None and unrounded is not None:
+            from .rounding import rounding_detail
+
+            mask_unrounded = allocate.MaskBuilder(cg, scores).mask(unrounded.keep)
+            detail["rounding"] = rounding_detail(rounding, cg, mask, mask_unrounded)
         strategy = alloc.strategy
         detail.update(alloc.detail)
         the_plan = PruningPlan.from_mask(cg, mask)
@@ -509,6 +585,10 @@ def prune(
         timings["calibrate"] = time.perf_counter() - t
         if evaluator is not None:
             metrics["calibrated"] = evaluator.evaluate(pruned).to_dict()
+    if mask_unrounded is not None and evaluator is not None:  # what rounding cost in accuracy: one more evaluation
+        t = time.perf_counter()
+        detail["rounding"]["accuracy"] = unrounded_metrics(cg, mask, mask_unrounded, metrics, evaluator, calibrator, options)
+        timings["rounding_evaluate"] = time.perf_counter() - t
     if train is not None:
         t = time.perf_counter()
         pruned, detail["finetune"] = _finetune_stage(pruned, cg.model if distill else None, train, finetune_options, progress)
@@ -522,7 +602,7 @@ def prune(
         target=None if plan is not None or options.target_flops is None else float(options.target_flops),
         strategy=strategy,
         criterion=options.criterion,
-        round_to=None if plan is not None else lat[0].settings.step if lat else int(detail.get("round_to", options.round_to if options.round_to != "auto" else round_to_candidates("auto")[0])),
+        round_to=None if plan is not None else (lat[1].round_to or lat[0].settings.step) if lat else int(detail.get("round_to", options.round_to if options.round_to != "auto" else round_to_candidates("auto")[0])),
         macs_before=before.total_macs,
         macs_after=after.total_macs,
         params_before=before.total_params,
@@ -545,6 +625,19 @@ def prune(
             report = replace(report, timings=dict(timings))
             report.save(report_path)
     return PruneResult(pruned, report, the_plan, out, curves)
+
+
+def unrounded_metrics(cg: ChannelGraph, mask: np.ndarray, unrounded: np.ndarray, metrics: Mapping[str, dict], evaluator: Evaluator, calibrator,
+                      options: PruneOptions) -> dict:
+    """Metrics of the unrounded plan at the last stage before fine-tuning (after recovery when there
+    is one), beside the rounded plan's: ``{"stage", "rounded", "unrounded"}``."""
+    stage = "calibrated" if calibrator is not None and "calibrated" in metrics else "pruned"
+    if np.array_equal(mask, unrounded):
+        return {"stage": stage, "rounded": dict(metrics[stage]), "unrounded": dict(metrics[stage]), "same_plan": True}
+    model = apply_mask(cg, unrounded)
+    if stage == "calibrated":
+        model = calibrator.calibrate(unrounded, model, method=options.calibrate_method).model
+    return {"stage": stage, "rounded": dict(metrics[stage]), "unrounded": evaluator.evaluate(model).to_dict(), "same_plan": False}
 
 
 def _finetune_stage(pruned, teacher, train, options, progress: StageProgress):

@@ -337,7 +337,7 @@ normalization_option = click.option(
     "--normalization", type=click.Choice(NORMALIZATIONS), default="auto", show_default=True, help=NORMALIZATION_HELP
 )  # one definition for `onnxprune prune` and `onnxprune finetune`
 
-MEMORY_BUDGET_HELP = "MiB of cached activations for fast sensitivity runs (peak memory is about this plus a fixed overhead). [default: min(4096, 25% of available memory)]"
+MEMORY_BUDGET_HELP = "MiB of activations kept for all samples (sensitivity cache, reconstruction targets and activations; the rest spills to temporary files): peak memory is about this plus a fixed overhead. [default: min(4096, 25% of available memory)]"
 
 
 @main.command("prune", help=MAIN_HELP)
@@ -346,14 +346,14 @@ MEMORY_BUDGET_HELP = "MiB of cached activations for fast sensitivity runs (peak 
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Output model [default: MODEL.pruned.onnx].")
 @click.option("--strategy", type=click.Choice(["auto", "uniform", "sensitivity", "cost-aware"]), default="auto", show_default=True, help="auto = sensitivity with --data, uniform without.")
 @click.option("--criterion", type=click.Choice(["l1", "l2", "fpgm", "bn", "random", "recon"]), default="l1", show_default=True, help="Channel importance. recon: keep the channels the next layers' outputs are best rebuilt from (needs --data or --calib-data).")
-@click.option("--round-to", default="auto", show_default=True, help="Kept channel counts are multiples of N; auto = the CPU's SIMD block (16 with AVX-512, else 8), halved where the target needs it. 1 = no rounding.")
+@click.option("--round-to", default="auto", show_default=True, help="Kept channel counts are multiples of N. auto = the SIMD block (16 with AVX-512, else 8) only for groups whose measured time steps at multiples, any count elsewhere; the summary states what rounding cost. 1 = no rounding.")
 @click.option("--exclude", multiple=True, help="Node name or glob whose channels stay (repeatable).")
 @click.option("--input-shape", multiple=True, help="NAME:1x3x224x224 for inputs with dynamic spatial dims (repeatable).")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the JSON report here.")
 @click.option("--plan", type=click.Path(path_type=Path), help="Apply this saved plan instead of searching (it decides the kept channels; no --target-flops needed).")
 @click.option("--save-plan", type=click.Path(path_type=Path), help="Write the pruning plan (kept channels) as JSON.")
 @click.option("--grid", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9", show_default=True, help="Sensitivity ratios.")
-@click.option("--cache-dir", type=click.Path(path_type=Path), default=Path(".onnxprune-cache"), show_default=True, help="Sensitivity cache folder (resumes interrupted runs).")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=Path(".onnxprune-cache"), show_default=True, help="Sensitivity cache folder (resumes interrupted runs); a folder other than the default also keeps the layer times --round-to auto measures [default for those: ~/.cache/onnxprune].")
 @click.option("--memory-budget", type=float, default=None, help=MEMORY_BUDGET_HELP)
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("--recover", "--calibrate", "calibrate_n", type=int, default=512, show_default=True, help="Unlabeled samples used to recover accuracy after pruning (needs --data or --calib-data; 0 = off; --calibrate is the old name). reconstruct costs about two forward passes over N samples plus the layer fits.")
@@ -576,11 +576,11 @@ def sensitivity_cmd(model, criterion, grid, exclude, input_shape, csv_path, repo
     if note:
         logging.getLogger("onnxprune").warning(note)
     with progress_bar(not quiet and not as_json) as cb:
-        ev = build_evaluator(cg.model, data, options, cb)
+        ev = build_evaluator(cg.model, data, options, cb, shapes=cg.shapes)
         transform, extra, n_cal = None, "", 0
         if calibrate_n:
             x_cal = ev.dataset.x if x_cal is None else x_cal
-            cal = make_calibrator(cg, x_cal[:calibrate_n], calibrate_method, batch_size=batch_size, device=device, progress=lambda d, t: cb("calibration", d, t))
+            cal = make_calibrator(cg, x_cal[:calibrate_n], calibrate_method, batch_size=batch_size, device=device, progress=lambda d, t: cb("calibration", d, t), memory_budget_mb=memory_budget)
             n_cal = len(cal.x)
             transform, extra = cal.transform(method=calibrate_method), f"calibrate={calibrate_method}:{n_cal}"
         cache = cache_file(str(cache_dir), model, sensitivity_variant(criterion, n_cal, calibrate_method))

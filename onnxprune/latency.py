@@ -289,14 +289,19 @@ _OVERHEAD = LayerSpec("other", 1, 1, 1, (1,), (1,), (0, 0), (1,), (1,), False)  
 
 
 # --------------------------------------------------------------------------- allocation on the staircase
-def useful_levels(lm: LatencyModel, builder, *, eps: float = USEFUL_EPS) -> dict[str, np.ndarray]:
+def useful_levels(lm: LatencyModel, builder, *, eps: float = USEFUL_EPS, round_to: int | None = None) -> dict[str, np.ndarray]:
     """Per prunable group, the candidate kept counts (:func:`~onnxprune.latency_table.candidate_counts`)
     at which the predicted time, with every other group full, is lower than at the next larger
-    useful count by more than ``eps`` of the model's time. Ascending, ending at the full count."""
+    useful count by more than ``eps`` of the model's time. Ascending, ending at the full count.
+    ``round_to`` (an explicit ``--round-to N``): the candidates are the multiples of N and the
+    full count instead, e.g. ``[8, 16, 24, 32]`` for 32 channels at N = 8 (before the time filter)."""
     total = lm.predict(None)
     out = {}
     for g in lm.cg.prunable_groups:
-        cands = candidate_counts(g.channels, lm.settings.step)
+        if round_to is None:
+            cands = candidate_counts(g.channels, lm.settings.step)
+        else:
+            cands = sorted(set(range(int(round_to), g.channels, int(round_to))) | {g.channels})
         kept, last = [g.channels], lm.predict(builder.mask({g.id: g.channels}))
         for c in reversed(cands[:-1]):
             t = lm.predict(builder.mask({g.id: c}))
@@ -313,14 +318,14 @@ class LatencyCost:
     what = "predicted latency"
     flag = "--target-latency"
 
-    def __init__(self, lm: LatencyModel, builder, *, levels: Mapping[str, np.ndarray] | None = None):
-        self.lm, self.builder = lm, builder
-        self.levels = dict(levels) if levels is not None else useful_levels(lm, builder)
+    def __init__(self, lm: LatencyModel, builder, *, levels: Mapping[str, np.ndarray] | None = None, round_to: int | None = None):
+        self.lm, self.builder, self.round_to = lm, builder, round_to  # round_to: see useful_levels (None: the table's step)
+        self.levels = dict(levels) if levels is not None else useful_levels(lm, builder, round_to=round_to)
         self.total = lm.predict(None)
 
     def refresh(self) -> None:
         """Levels again after the model was refitted (the total stays: the anchor is exact)."""
-        self.levels = useful_levels(self.lm, self.builder)
+        self.levels = useful_levels(self.lm, self.builder, round_to=self.round_to)
         self.total = self.lm.predict(None)
 
     def of(self, mask: np.ndarray) -> float:

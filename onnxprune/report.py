@@ -75,7 +75,9 @@ class PruneReport:
             f"Params (Conv/Gemm/MatMul) {human(self.params_before)} -> {human(self.params_after)} "
             f"(-{1 - self.params_after / max(self.params_before, 1):.1%})",
             f"Strategy {self.strategy}, criterion {self.criterion}, "
-            + (f"channel counts where the measured time drops (steps of {self.round_to})" if lat.get("target") is not None else f"round-to {self.round_to}")
+            + (f"channel counts where the measured time drops (steps of {self.round_to})" if lat.get("target") is not None
+               else f"round-to auto (measured per group, steps of {self.round_to} or 1)" if ((self.detail or {}).get("rounding") or {}).get("mode") == "auto"
+               else f"round-to {self.round_to}")
             if self.strategy != "plan"
             else f"Channels kept as listed in plan {plan_file or ''} (no search; --target-flops, --strategy, --criterion and --round-to do not apply)",
         ]
@@ -102,10 +104,30 @@ class PruneReport:
             kinds = Counter(" ".join(n.split()[:2]) for n in self.normalizations)  # "removed Identity", "folded Cast"
             done = ", ".join(f"{verb} {k} {op}" for (verb, op), k in sorted((tuple(kv.split()), k) for kv, k in kinds.items()))
             lines.append(f"Normalized before pruning (same function): {done} on constants (listed in --report)")
+        lines += rounding_lines(self.detail or {})
         lines += latency_lines(self.detail or {})
         if self.provider:
             lines.append(f"Evaluated with ONNX Runtime on {self.provider}")
         return lines
+
+
+def rounding_lines(detail: Mapping[str, Any]) -> list[str]:
+    """What ``--round-to auto`` cost: the rounded vs the unrounded (round-to 1) plan from the same data."""
+    r = detail.get("rounding") or {}
+    if r.get("mode") == "fallback":
+        return [f"Note: {r['note']}"]
+    if r.get("mode") != "auto":
+        return []
+    head = (f"Rounding cost ({r['staircase_groups']} groups x{r['staircase_step']}, {r['smooth_groups']} any count): "
+            f"MACs -{r['reduction']:.1%} vs -{r['unrounded_reduction']:.1%} unrounded")
+    tail = f"  predicted {r['predicted_ms']:.3f} vs {r['unrounded_predicted_ms']:.3f} ms unrounded"
+    acc = r.get("accuracy") or {}
+    key = "top1" if (acc.get("rounded") or {}).get("top1") is not None else "agreement"
+    a, b = (acc.get("rounded") or {}).get(key), (acc.get("unrounded") or {}).get(key)
+    if a is not None and b is not None:
+        when = "after recovery" if acc["stage"] == "calibrated" else "pruned"
+        tail += f"; {key} {when} {100 * a:.2f}% vs {100 * b:.2f}%" + (" (same plan)" if acc.get("same_plan") else "")
+    return [head, tail]
 
 
 def latency_lines(detail: Mapping[str, Any]) -> list[str]:

@@ -447,7 +447,9 @@ def _close(a, b) -> bool:
 
 def test_cli_finetune_on_a_fixed_batch_model(work, torch_pair):
     pytest.importorskip("torch")
-    invoke([torch_pair["fixed"], "--target-flops", 0.3, "--strategy", "uniform", "--calibrate", 0, "-o", "pruned.onnx", "--quiet"])
+    # a fixed plan (multiples of 8): this test is about fine-tuning a fixed-batch model, not about which channels
+    # --round-to auto measures; with 32 training images some plans keep their starting weights (never below start)
+    invoke([torch_pair["fixed"], "--target-flops", 0.3, "--strategy", "uniform", "--round-to", 8, "--calibrate", 0, "-o", "pruned.onnx", "--quiet"])
     x, y = val(40)
     np.savez(work / "train.npz", x=x[:32], y=y[:32])
     invoke(["finetune", "pruned.onnx", "--data", "train.npz", "--val", "val.npz", "--teacher", torch_pair["fixed"], "--epochs", 1,

@@ -19,7 +19,7 @@ from onnxprune.api import PruneOptions, prune
 from onnxprune.errors import DeviceError, UsageError
 from onnxprune.groups import find_groups
 from onnxprune.importance import score_units
-from onnxprune.latency import LatencyCost, measure_pair, model_feeds, useful_levels
+from onnxprune.latency import LatencyCost, build_latency_model, measure_pair, model_feeds, useful_levels
 from onnxprune.latency_table import (
     CPU,
     CUDA,
@@ -267,3 +267,26 @@ def test_closed_loop_corrects_a_biased_model_and_stays_bounded(monkeypatch):
     assert its[1].predicted_target < 0.35  # and the request was corrected down
     assert res.reached and abs(its[res.chosen].measured_cut - 0.4) <= 0.02
     assert abs(its[res.chosen].error) < 0.05  # the kept prediction includes the measured bias
+
+
+def test_explicit_round_to_restricts_latency_levels(tmp_path):
+    """An explicit --round-to N keeps latency-mode counts at multiples of N (or the full count), where
+    auto would use the table's step; 12 is not a multiple of the CPU step (8 or 16), so the default
+    staircase alone could not produce these counts."""
+    model = tmp_path / "m.onnx"
+    onnx.save(chain_model((3, 48, 48, 48), hw=16), model)
+    opts = dict(target_latency=0.3, strategy="uniform", device="cpu", latency_threads=1, latency_max_spread=100, latency_tolerance=0.99,
+                cache_dir=str(tmp_path / "cache"))
+    res = prune(model, options=PruneOptions(round_to=12, **opts), write=False)
+    rows = [g for g in res.report.groups if g.blocked_reason is None]
+    assert rows and any(g.channels_after < g.channels_before for g in rows)
+    for g in rows:
+        assert g.channels_after % 12 == 0 or g.channels_after == g.channels_before, (g.id, g.channels_after)
+    assert res.report.round_to == 12
+    w = {i.name: tuple(i.dims) for i in res.model.graph.initializer}
+    assert w["w0"][0] % 12 == 0 and w["w1"][1] == w["w0"][0]  # the written weights follow the kept counts
+    cg = find_groups(chain_model((3, 48, 48, 48), hw=16))  # the levels themselves, on a real latency model
+    lm = build_latency_model(cg, resolve_settings("cpu", batch=1, threads=1), cache_dir=tmp_path / "cache", rounds=3, max_spread=100)
+    builder = allocate.MaskBuilder(cg, score_units(cg, "l1"))
+    for gid, lv in useful_levels(lm, builder, round_to=12).items():
+        assert all(c % 12 == 0 or c == cg.group(gid).channels for c in lv), lv
