@@ -2,9 +2,11 @@
 
 Prints load, shape-inference and cost-counting times (best of ``--repeat``)
 and peak memory. Target: ``count`` on a loaded model (shape inference
-included) under 0.5 s.
+included) under 0.5 s. Prints a markdown report that starts with the
+provenance header (command, commit, machine, load) and writes it to
+``benchmarks/results/analyze_speed.md`` (``--out``; ``--out -``: print only).
 
-    python benchmarks/analyze_speed.py [--repeat 3] [--exporter legacy]
+    python benchmarks/analyze_speed.py [--repeat 3] [--exporter legacy] [--out PATH]
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ if str(ROOT) not in sys.path:
 
 from onnxprune.flops import count, shapes_needed  # noqa: E402
 from onnxprune.graph import GraphIndex, infer_shapes, load_model  # noqa: E402
+
+from benchmarks import provenance  # noqa: E402
 
 TARGET_S = 0.5
 
@@ -49,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--exporter", default="legacy", choices=("legacy", "dynamo"))
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "analyze_speed.md"), help="markdown output ('-': print only)")
     args = ap.parse_args(argv)
+    prov = provenance.start(script="benchmarks/analyze_speed.py", argv=list(sys.argv[1:] if argv is None else argv))
 
     from models.export import export_onnx
     from models.zoo import build
@@ -82,11 +88,16 @@ def main(argv: list[str] | None = None) -> int:
         ("peak traced, count", f"{peak_count / 2**20:8.1f} MiB (Python heap only)"),
         ("max RSS, process", f"{rss / 1024:8.1f} MiB (torch + export before: {rss_before / 1024:.0f} MiB)"),
     ]
-    print(f"ResNet-50 ({args.exporter} export, {size_mb:.1f} MiB, {len(report.layers)} layers, "
-          f"{report.total_macs:,} MACs), best of {args.repeat}")
     w = max(len(r[0]) for r in rows)
-    for k, v in rows:
-        print(f"  {k:<{w}}  {v}")
+    text = "\n".join([
+        "# Read-only analysis of ResNet-50: load and count times", "", *prov.header(), "",
+        f"ResNet-50 ({args.exporter} export, {size_mb:.1f} MiB, {len(report.layers)} layers, {report.total_macs:,} MACs), "
+        f"best of {args.repeat}; wall times on the shared machine above (they vary with its load):", "",
+        "```", *(f"{k:<{w}}  {v}" for k, v in rows), "```", "",
+    ])
+    print(text)
+    if args.out != "-":
+        provenance.write_atomic(args.out, text)
     return 0
 
 

@@ -2,19 +2,21 @@
 
 Three tables, all top-1 on ``models/demo/fmnist_val.npz`` (2,500 test images):
 
-1. **Uniform L1 + calibration.** For each model and MAC target: uniform L1
-   pruning (``round_to`` 8, or 4 where 8 cannot reach the target), top-1
-   unpruned, pruned, and after :func:`onnxprune.calibrate.calibrate` with
-   ``method`` bias / affine / both, and after
+1. **Uniform L1 + recovery, the default path.** For each model and MAC target:
+   the channels ``prune(strategy="uniform", criterion="l1")`` keeps with every
+   other option at its default (``--round-to auto``, which depends on the CPU's
+   SIMD width; the table names what it chose), top-1 unpruned, pruned, and after
    :func:`onnxprune.reconstruct.reconstruct` (least-squares re-fit of the
-   layers that lost inputs: the default ``--calibrate-method``), on the 512
+   layers that lost inputs, blockwise: the default ``--calibrate-method``),
+   next to :func:`onnxprune.calibrate.calibrate` with ``method`` bias / affine /
+   both for comparison, on the 512
    unlabeled images of ``models/demo/fmnist_calib.npz``. The time is one full
    call (original-model pass + calibration), ONNX Runtime on CPU. Goal: at
    -30% MACs, accuracy with the default method within 3 points of unpruned.
 2. **Sensitivity allocation, calibrated vs uncalibrated measurements.** The
    public API ``prune(strategy="sensitivity", criterion="l1", calibrate=512,
    calibrated_sensitivity=False / True)`` (default calibration method, i.e.
-   reconstruction) with the uniform row's ``round_to``,
+   reconstruction) at the default ``round_to="auto"``,
    sensitivity measured on the same val set; top-1 after pruning, after
    calibration and after a fixed fine-tuning budget, next to uniform L1 with
    the same budget. Budget (every row): :func:`onnxprune.finetune.finetune`,
@@ -29,7 +31,7 @@ Three tables, all top-1 on ``models/demo/fmnist_val.npz`` (2,500 test images):
    60,000-image training file (measured, or extrapolated by steps with
    ``--full-epoch extrapolate``).
 
-    python benchmarks/calibration.py                 # full run (~10 min on 2 shared cores)
+    python benchmarks/calibration.py                 # full run (~13 min idle on 2 cores, 2-3x that under load)
     python benchmarks/calibration.py --quick         # smoke test: vgg11, -30%, small grid and FT
     python benchmarks/calibration.py --no-finetune   # tables 1 and 2 without fine-tuning
 
@@ -41,9 +43,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
-import shlex
 import sys
 import tempfile
 import time
@@ -64,10 +63,12 @@ from onnxprune.calibrate import METHODS, calibrate  # noqa: E402
 from onnxprune.reconstruct import reconstruct  # noqa: E402
 from onnxprune.errors import TargetError  # noqa: E402
 from onnxprune.graph import load_model  # noqa: E402
+from onnxprune.hardware import simd_channel_block  # noqa: E402
 from onnxprune.groups import find_groups  # noqa: E402
-from onnxprune.importance import score_units  # noqa: E402
 from onnxprune.rewrite import apply_mask  # noqa: E402
 from onnxprune.sensitivity import DEFAULT_GRID  # noqa: E402
+
+from benchmarks import provenance  # noqa: E402
 
 DEMO = ROOT / "models" / "demo"
 VAL_NPZ, CALIB_NPZ = DEMO / "fmnist_val.npz", DEMO / "fmnist_calib.npz"
@@ -130,26 +131,41 @@ def note_model(name: str, path: Path) -> None:
         MODEL_NOTES.append(f"- {name}: {meta.get('arch')} width {meta.get('width')}, {meta.get('epochs')} epochs, {meta.get('parameters'):,} parameters.")
 
 
-def uniform_alloc(cg, scores, name: str, target: float):
-    try:
-        return allocate.uniform(cg, scores, target=target, round_to=8), 8
-    except TargetError as exc:  # narrow groups cannot shrink at multiples of 8
-        log.info("%s -%.0f%%: %s; using round_to 4", name, 100 * target, exc.message)
-        return allocate.uniform(cg, scores, target=target, round_to=4), 4
+def uniform_alloc(cg, scores, name: str, target: float, candidates=(8, 4)):
+    """Uniform L1 at the largest of ``candidates`` that reaches the target (used by ``benchmarks/recovery_modes.py``;
+    table 1 here takes its channels from ``prune()`` instead, see :func:`default_uniform`)."""
+    for k, r in enumerate(candidates):
+        try:
+            return allocate.uniform(cg, scores, target=target, round_to=r), r
+        except TargetError as exc:  # narrow groups cannot shrink at this multiple
+            if k + 1 == len(candidates):
+                raise
+            log.info("%s -%.0f%%: %s; trying round_to %d", name, 100 * target, exc.message, candidates[k + 1])
+    raise AssertionError("no rounding candidates")
+
+
+def default_uniform(path: Path, target: float):
+    """The default path's channels: ``prune(strategy="uniform", criterion="l1")`` with every other option at
+    its default (``round_to="auto"``, whatever auto does in this checkout), recovery off; returns the result
+    and how auto rounded (``"16"``, or ``"per group, step 16"`` when it measured per-group levels)."""
+    res = prune(path, options=PruneOptions(target_flops=target, strategy="uniform", criterion="l1", device="cpu", calibrate=0), write=False)
+    rep = res.report
+    mode = ((rep.detail or {}).get("rounding") or {}).get("mode")
+    return res, (f"per group, step {rep.round_to}" if mode == "auto" else str(rep.round_to))
 
 
 def uniform_rows(name: str, path: Path, targets, data: Data) -> list[dict]:
     """Table 1; each row also keeps the reconstructed model (the default method) under ``_model``."""
     cg = find_groups(load_model(path))
     base = accuracy(cg.model, data.x_val, data.y_val)
-    scores = score_units(cg, "l1")
     note_model(name, path)
     rows = []
     for target in targets:
-        alloc, round_to = uniform_alloc(cg, scores, name, target)
-        mask = allocate.MaskBuilder(cg, scores).mask(alloc.keep)
+        res, round_to = default_uniform(path, target)
+        mask = res.plan.to_mask(cg)
         pruned = apply_mask(cg, mask)
-        row = {"model": name, "target": target, "round_to": round_to, "achieved": alloc.reduction, "unpruned": base, "pruned": accuracy(pruned, data.x_val, data.y_val)}
+        row = {"model": name, "target": target, "round_to": round_to, "achieved": res.report.reduction, "unpruned": base,
+               "pruned": accuracy(pruned, data.x_val, data.y_val)}
         for method in METHODS:
             t = time.perf_counter()
             res = calibrate(cg, mask, pruned, data.x_cal, method=method)
@@ -169,42 +185,36 @@ def uniform_rows(name: str, path: Path, targets, data: Data) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     head = (
-        "| model | target | round_to | achieved MACs | unpruned | pruned | bias | affine | both | reconstruct | gap (both / reconstruct) | time bias / affine / both / reconstruct (s) | output error before -> after (both) |\n"
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
+        "| model | target | round_to (auto) | achieved MACs | unpruned | pruned | **reconstruct (default)** | gap, reconstruct | "
+        "bias | affine | both | gap, both | time reconstruct / bias / affine / both (s) | output error before -> after (both) |\n"
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
     )
     lines = []
     for r in rows:
-        gap = r["unpruned"] - r["both"]
         before, after = r["both_err"]
         lines.append(
             f"| {r['model']} | -{r['target']:.0%} | {r['round_to']} | -{r['achieved']:.1%} | {r['unpruned']:.2f} | {r['pruned']:.2f} | "
-            f"{r['bias']:.2f} | {r['affine']:.2f} | {r['both']:.2f} | {r['reconstruct']:.2f} | {gap:+.2f} / {r['unpruned'] - r['reconstruct']:+.2f} | "
-            f"{r['bias_s']:.2f} / {r['affine_s']:.2f} / {r['both_s']:.2f} / {r['reconstruct_s']:.2f} | {before:.3f} -> {after:.3f} |"
+            f"**{r['reconstruct']:.2f}** | {r['unpruned'] - r['reconstruct']:+.2f} | {r['bias']:.2f} | {r['affine']:.2f} | {r['both']:.2f} | "
+            f"{r['unpruned'] - r['both']:+.2f} | {r['reconstruct_s']:.2f} / {r['bias_s']:.2f} / {r['affine_s']:.2f} / {r['both_s']:.2f} | {before:.3f} -> {after:.3f} |"
         )
     return head + "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------- table 2: allocation strategies
-def sensitivity_row(name: str, path: Path, target: float, round_to: int, calibrated: bool, cache_dir: str, args) -> dict:
-    """One ``prune()`` call through the public API; falls back to round_to 4 if ``round_to`` cannot reach the target."""
-    for rt in dict.fromkeys((round_to, 4)):
-        opts = PruneOptions(target_flops=target, strategy="sensitivity", criterion="l1", round_to=rt, device="cpu", calibrate=512,
-                            calibrated_sensitivity=calibrated, cache_dir=cache_dir, grid=tuple(args.grid))
-        t = time.perf_counter()
-        try:
-            res = prune(path, options=opts, data=str(VAL_NPZ), calib_data=str(CALIB_NPZ), write=False)
-        except TargetError as exc:
-            log.info("%s -%.0f%% sensitivity round_to %d: %s", name, 100 * target, rt, exc.message)
-            continue
-        rep = res.report
-        d = rep.detail
-        return {
-            "model": name, "target": target, "allocation": SENS_VARIANTS[calibrated][0], "round_to": rep.round_to, "achieved": rep.reduction,
-            "pruned": 100 * rep.metrics["pruned"]["top1"], "calibrated": 100 * rep.metrics["calibrated"]["top1"],
-            "sens_s": d.get("sensitivity_seconds"), "sens_cached": d.get("sensitivity_cached_groups", 0), "prune_s": time.perf_counter() - t,
-            "_model": res.model,
-        }
-    raise TargetError(f"{name}: sensitivity allocation cannot reach -{target:.0%} with round_to {round_to} or 4")
+def sensitivity_row(name: str, path: Path, target: float, calibrated: bool, cache_dir: str, args) -> dict:
+    """One ``prune()`` call through the public API at the default ``round_to="auto"``."""
+    opts = PruneOptions(target_flops=target, strategy="sensitivity", criterion="l1", round_to="auto", device="cpu", calibrate=512,
+                        calibrated_sensitivity=calibrated, cache_dir=cache_dir, grid=tuple(args.grid))
+    t = time.perf_counter()
+    res = prune(path, options=opts, data=str(VAL_NPZ), calib_data=str(CALIB_NPZ), write=False)
+    rep = res.report
+    d = rep.detail
+    return {
+        "model": name, "target": target, "allocation": SENS_VARIANTS[calibrated][0], "round_to": rep.round_to, "achieved": rep.reduction,
+        "pruned": 100 * rep.metrics["pruned"]["top1"], "calibrated": 100 * rep.metrics["calibrated"]["top1"],
+        "sens_s": d.get("sensitivity_seconds"), "sens_cached": d.get("sensitivity_cached_groups", 0), "prune_s": time.perf_counter() - t,
+        "_model": res.model,
+    }
 
 
 def uniform_as_strategy_row(u: dict) -> dict:
@@ -251,7 +261,7 @@ def strategy_rows(name: str, path: Path, uniform: list[dict], data: Data, args, 
         rows.append(uniform_as_strategy_row(u))
         for label, calibrated in SENS_VARIANTS:
             cache = tmp / f"{name}-{'cal' if calibrated else 'uncal'}"  # one per variant: later targets reuse the analysis
-            r = sensitivity_row(name, path, u["target"], u["round_to"], calibrated, str(cache), args)
+            r = sensitivity_row(name, path, u["target"], calibrated, str(cache), args)
             log.info("%s -%.0f%% %s: -%.1f%% MACs, pruned %.2f, calibrated %.2f, analysis %.1fs (%d groups cached)", name, 100 * u["target"],
                      label, 100 * r["achieved"], r["pruned"], r["calibrated"], r["sens_s"] or 0, r["sens_cached"])
             rows.append(r)
@@ -320,14 +330,16 @@ def goal_lines(uniform: list[dict], srows: list[dict]) -> list[str]:
     out = []
     for u in uniform:
         gap = u["unpruned"] - u["reconstruct"]
-        best = max((r for r in srows if r["model"] == u["model"] and r["target"] == u["target"]), key=lambda r: r["calibrated"], default=None)
-        extra = f"; best allocation without training: {best['allocation']} {best['calibrated']:.2f} (gap {u['unpruned'] - best['calibrated']:+.2f})" if best else ""
+        # every allocation listed, none picked: the sensitivity rows were measured on these same images
+        sens = [r for r in srows if r["model"] == u["model"] and r["target"] == u["target"] and r["allocation"] != "uniform L1"]
+        extra = ("; sensitivity allocations (table 2, optimistic: measured on these images): "
+                 + ", ".join(f"{r['allocation'].removeprefix('sensitivity L1, ')} {r['calibrated']:.2f}" for r in sens)) if sens else ""
         if abs(u["target"] - 0.3) < 1e-9:
-            out.append(f"- {u['model']} at -30%: uniform L1 + reconstruction gap {gap:.2f} points -> **{'MET' if gap <= GOAL_POINTS else 'MISSED'}** "
-                       f"(goal <= {GOAL_POINTS:g}; bias+affine 'both': gap {u['unpruned'] - u['both']:.2f}){extra}.")
+            out.append(f"- {u['model']} at -30% (round_to {u['round_to']}): uniform L1 + reconstruction gap {gap:.2f} points -> **{'MET' if gap <= GOAL_POINTS else 'MISSED'}** "
+                       f"(goal <= {GOAL_POINTS:g}; bias+affine 'both', not the default: gap {u['unpruned'] - u['both']:.2f}){extra}.")
         else:
-            out.append(f"- {u['model']} at -{u['target']:.0%}: no goal set; uniform L1 + reconstruction gap {gap:.2f} points "
-                       f"(bias+affine 'both': {u['unpruned'] - u['both']:.2f}){extra}.")
+            out.append(f"- {u['model']} at -{u['target']:.0%} (round_to {u['round_to']}): no goal set; uniform L1 + reconstruction gap {gap:.2f} points "
+                       f"(bias+affine 'both', not the default: {u['unpruned'] - u['both']:.2f}){extra}.")
     return out
 
 
@@ -377,31 +389,24 @@ def timing_lines(trows: list[dict]) -> list[str]:
     return out
 
 
-def machine_line(args, load_start: float) -> str:
-    import onnxruntime as ort
-
-    try:
-        import torch
-
-        tv = f"torch {torch.__version__} ({torch.get_num_threads()} thread(s))"
-    except ImportError:
-        tv = "torch not installed"
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs shared with other jobs "
-            f"(1-min load average {load_start:.1f} at the start, {load:.1f} at the end), Python {platform.python_version()}, "
-            f"ONNX Runtime {ort.__version__} CPU (default threads), {tv}.")
+def auto_line(uniform: list[dict]) -> str:
+    used = ", ".join(f"{u['model']} -{u['target']:.0%}: {u['round_to']}" for u in uniform)
+    return (f"`--round-to auto` on this CPU: SIMD channel block {simd_channel_block()} (16 on AVX-512, 8 otherwise); the multiples "
+            f"`prune()` chose here ({used}) depend on it, so on a CPU with a different SIMD width these rows change. "
+            "Table 1 takes its channels from `prune(strategy='uniform', criterion='l1', calibrate=0)` with every other option at its default.")
 
 
-def render(uniform, srows, trows, args, data: Data, load_start: float, wall: float) -> str:
-    cmd = "python benchmarks/calibration.py" + ("" if not args.argv else " " + shlex.join(args.argv))
-    parts = ["# Calibration without training\n", f"Command: `{cmd}` ({wall / 60:.1f} min).  ", machine_line(args, load_start), "",
-             "## 1. Uniform L1 pruning + calibration, no training\n", table(uniform)]
+def render(uniform, srows, trows, args, data: Data, prov: "provenance.Provenance") -> str:
+    parts = ["# Recovery without training (reconstruction, the default; calibration methods for comparison)\n", *prov.header(), "",
+             "## 1. Uniform L1 pruning + recovery, no training: the default path\n", table(uniform)]
     parts += [
-        f"Top-1 on {len(data.y_val)} validation images (`models/demo/fmnist_val.npz`); calibration on the {len(data.x_cal)} "
-        "unlabeled images of `models/demo/fmnist_calib.npz`; no labels, no training.",
-        "Pruning: uniform allocation, L1 criterion, round_to 8 (4 where 8 cannot reach the target). gap = unpruned - recovered top-1 (both / reconstruct), in points; "
-        f"goal at -30% MACs: gap <= {GOAL_POINTS:g}.",
-        "Time: one `calibrate()` or `reconstruct()` call (original-model pass + calibration), ONNX Runtime CPU.",
+        f"Top-1 on {len(data.y_val)} images of the Fashion-MNIST test split (`models/demo/fmnist_val.npz`); recovery fitted on the {len(data.x_cal)} "
+        "unlabeled images of `models/demo/fmnist_calib.npz`; no labels, no training, no setting chosen on these images.",
+        "Default path: uniform allocation, L1 criterion, `--round-to auto`, `--calibrate-method reconstruct` (blockwise least-squares re-fit), "
+        "i.e. the **reconstruct (default)** column. bias / affine / both are the other `--calibrate-method` values, shown for comparison. "
+        f"gap = unpruned - recovered top-1, in points; goal at -30% MACs: gap <= {GOAL_POINTS:g}.",
+        auto_line(uniform),
+        "Time: one `reconstruct()` or `calibrate()` call (original-model pass + fit), ONNX Runtime CPU, on the shared machine above.",
         "Output error: relative L2 distance of the logits to the unpruned model's on the calibration images.",
     ] + MODEL_NOTES + goal_lines(uniform, srows)
     parts += ["", "## 2. Sensitivity allocation: calibrated vs uncalibrated measurements, then a fixed fine-tuning budget\n", strategy_table(srows, len(data.y_test))]
@@ -410,9 +415,10 @@ def render(uniform, srows, trows, args, data: Data, load_start: float, wall: flo
         f"cosine lr to 0, lr {', '.join(f'{m} {lr:g}' for m, lr in FT_LR.items())} (picked by `benchmarks/quality.py`'s pilot), batch 64, crop+flip, "
         "distillation from the unpruned model (T=4, weight 0.5), final weights kept, torch CPU")
     parts += [
-        f"`prune(path, options=PruneOptions(target_flops=t, strategy='sensitivity', criterion='l1', round_to=<uniform row's>, device='cpu', calibrate=512, "
+        f"`prune(path, options=PruneOptions(target_flops=t, strategy='sensitivity', criterion='l1', round_to='auto', device='cpu', calibrate=512, "
         f"calibrated_sensitivity=False|True, grid={tuple(args.grid)}), data='models/demo/fmnist_val.npz', calib_data='models/demo/fmnist_calib.npz', write=False)`; "
-        "pruned/calibrated = the report's metrics on the val set. Uniform L1 rows are table 1's `both` models.",
+        "pruned/calibrated = the report's metrics on the val set (calibrated = after the default reconstruction). "
+        "Uniform L1 rows are table 1's `reconstruct (default)` models.",
         "Sensitivity is measured on the same 2,500 val images the `pruned`/`calibrated`/`after FT` columns use, so those are optimistic for the sensitivity rows; "
         f"the `test` columns use {len(data.y_test):,} images of the Fashion-MNIST test split that are not in the val set (the test split minus the val set's 2,500).",
         noise_note(data),
@@ -468,8 +474,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    t0 = time.perf_counter()
+    prov = provenance.start(script="benchmarks/calibration.py", argv=args.argv)
     data = load_data(args)
     uniform, srows, full = [], [], {}
     with tempfile.TemporaryDirectory(prefix="onnxprune_calibration_") as tmp:
@@ -482,10 +487,9 @@ def main(argv: list[str] | None = None) -> int:
             if f:
                 full[name] = f
     trows = [] if args.no_finetune else timing_rows(uniform, srows, full, args)
-    text = render(uniform, srows, trows, args, data, load_start, time.perf_counter() - t0)
+    text = render(uniform, srows, trows, args, data, prov)
     print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    provenance.write_atomic(args.out, text)
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
 

@@ -12,7 +12,10 @@ Three columns per model:
 steps after ``--warmup`` steps, the three taking turns; 1 thread by default for stable numbers on
 shared machines.
 
-    python benchmarks/finetune_speed.py [--iters 40] [--threads 1] [--device cpu] [--exporter legacy]
+    python benchmarks/finetune_speed.py [--iters 40] [--threads 1] [--device cpu] [--exporter legacy] [--out PATH]
+
+Prints the table after the provenance header (command, commit, machine, load);
+``--out`` also writes it as markdown.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ import torch  # noqa: E402
 
 from onnxprune.graph import load_model  # noqa: E402
 from onnxprune.torch_exec import OnnxModule  # noqa: E402
+
+from benchmarks import provenance  # noqa: E402
 
 TARGET = 1.2
 MODELS = {"plain_cnn": 1.0, "vgg11_bn": 0.5, "resnet20": 1.0}
@@ -87,16 +92,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--exporter", default="legacy", choices=("legacy", "dynamo"))
+    ap.add_argument("--out", default=None, help="also write the report as markdown (e.g. benchmarks/results/finetune_speed.md)")
     args = ap.parse_args(argv)
+    prov = provenance.start(script="benchmarks/finetune_speed.py", argv=list(sys.argv[1:] if argv is None else argv))
     torch.set_num_threads(args.threads)
+    lines: list[str] = []
+
+    def say(s: str) -> None:  # printed now, kept for the markdown file
+        lines.append(s)
+        print(s, flush=True)
+
     from models.export import export_onnx
     from models.zoo import ZOO, randomize_bn
 
     dev = torch.device(args.device)
-    print(f"device {dev}, {args.threads} thread(s), batch {args.batch}, {args.exporter} export, median of {args.iters} steps")
+    say(f"device {dev}, {args.threads} thread(s), batch {args.batch}, {args.exporter} export, median of {args.iters} steps")
     header = f"{'model':<18}{'width':>6}{'torch+BN ms':>13}{'folded ms':>11}{'executor ms':>13}{'ratio':>7}{'vs BN':>7}"
-    print(header)
-    print("-" * len(header))
+    say(header)
+    say("-" * len(header))
     worst = 0.0
     with tempfile.TemporaryDirectory() as tmp:
         for name, width in MODELS.items():
@@ -111,8 +124,12 @@ def main(argv: list[str] | None = None) -> int:
             t_bn, t_fold, t_exec = step_times([net.to(dev), fold, OnnxModule(model).to(dev)], x, y, **kw)
             ratio = t_exec / t_fold
             worst = max(worst, ratio)
-            print(f"{name:<18}{width:>6.2f}{t_bn * 1e3:>13.2f}{t_fold * 1e3:>11.2f}{t_exec * 1e3:>13.2f}{ratio:>7.2f}{t_exec / t_bn:>7.2f}")
-    print(f"worst ratio {worst:.2f} (target <= {TARGET})")
+            say(f"{name:<18}{width:>6.2f}{t_bn * 1e3:>13.2f}{t_fold * 1e3:>11.2f}{t_exec * 1e3:>13.2f}{ratio:>7.2f}{t_exec / t_bn:>7.2f}")
+    say(f"worst ratio {worst:.2f} (target <= {TARGET})")
+    head = "\n".join(prov.header())
+    sys.stdout.write("\n" + head + "\n")
+    if args.out:
+        provenance.write_atomic(args.out, "# Training-step time: ONNX torch executor vs torch\n\n" + head + "\n\n```\n" + "\n".join(lines) + "\n```\n")
     return 0 if worst <= TARGET else 1
 
 

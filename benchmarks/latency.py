@@ -57,6 +57,8 @@ from onnxprune.api import PruneOptions, prune  # noqa: E402
 from onnxprune.errors import TargetError  # noqa: E402
 from onnxprune.flops import count  # noqa: E402
 
+from benchmarks import provenance  # noqa: E402
+
 TARGET_RATIO = 0.9
 DEFAULT_ROUND = PruneOptions().round_to  # "auto" (SIMD block, halved if needed) since 1ea405b; 8 before
 CHECKED_ROUNDS = tuple(dict.fromkeys((8, DEFAULT_ROUND)))  # rows the >= 0.9 target is judged on
@@ -327,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "latency.md"))
     args = ap.parse_args(argv)
+    prov = provenance.start(script="benchmarks/latency.py", argv=list(sys.argv[1:] if argv is None else argv))
     targets = (0.3,) if args.quick else (0.3, 0.5)
     rounds_to = (1, DEFAULT_ROUND) if args.quick else tuple(dict.fromkeys((1, 8, DEFAULT_ROUND, 16)))
     rounds = args.rounds or (4 if args.quick else 20)
@@ -367,8 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     text = head + "\n" + table + profile + foot
     print(text)
     if args.out and not args.quick:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text("# Latency: original vs pruned (ONNX Runtime CPU)\n\n" + text)
+        provenance.write_atomic(args.out, "# Latency: original vs pruned (ONNX Runtime CPU)\n\n" + "\n".join(prov.header()) + "\n\n" + text)
     return 0
 
 

@@ -24,11 +24,14 @@ from models.export import EXPORTERS, export_onnx  # noqa: E402
 from models.zoo import ZOO, build  # noqa: E402
 from onnxprune.groups import find_groups  # noqa: E402
 
+from benchmarks import provenance  # noqa: E402
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="legacy exporter only, no ResNet-50")
     args = ap.parse_args()
+    prov = provenance.start(script="benchmarks/prunable_share.py")
     exporters = ("legacy",) if args.quick else EXPORTERS
     rows = ["| model | exporter | MACs | groups | prunable groups | prunable MACs share | blocked (reasons) | analysis s |", "|---|---|---|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -48,10 +51,11 @@ def main() -> None:
                     f"{cg.prunable_macs_share:.1%} | {'; '.join(reasons)} | {dt:.2f} |"
                 )
                 print(rows[-1], flush=True)
-    text = "# Prunable MACs per reference model\n\nMACs: Conv/ConvTranspose/Gemm/MatMul multiply-accumulates per sample.\n" \
+    text = "# Prunable MACs per reference model\n\n" + "\n".join(prov.header()) + "\n\nMACs: Conv/ConvTranspose/Gemm/MatMul multiply-accumulates per sample.\n" \
+        "Analysis s: one `find_groups()` call on the shared machine above (load-dependent).\n" \
         "Prunable share: MACs of compute nodes whose weights at least one prunable group slices.\n\n" + "\n".join(rows) + "\n"
-    out = ROOT / "benchmarks" / "results" / "prunable_share.md"
-    out.write_text(text)
+    out = ROOT / "benchmarks" / "results" / "prunable_share.md" if not args.quick else Path(tempfile.gettempdir()) / "prunable_share_quick.md"
+    provenance.write_atomic(out, text)
     print(text)
 
 

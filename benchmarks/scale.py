@@ -18,7 +18,12 @@ raw peak and the peak above ``base`` (the worker after importing
 ``onnxprune.api``: Python, numpy and onnx, 46 MiB, which no run can go below)
 are reported; for a 97 MiB model that floor alone is 0.47x.
 
-    python benchmarks/scale.py [--out DIR] [--keep] [--only vgg_wide] [--stages]
+    python benchmarks/scale.py [--out DIR] [--keep] [--only vgg_wide] [--stages] [--results PATH]
+
+Writes the table, after the provenance header (command, commit, machine,
+load), to ``benchmarks/results/scale.md`` (``--results -``: print only).
+The figures below are the notes of the change that introduced the low-memory
+path; the results file is what the current code gives.
 
 Measured (2 shared CPU cores, 23 GiB RAM, onnx 1.23, ORT 1.31, protobuf 7 (upb);
 times vary 2-3x with the machine's load):
@@ -309,6 +314,7 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
     ap.add_argument("--only", choices=MODELS, action="append", help="run only this model (repeatable)")
     ap.add_argument("--stages", action="store_true", help="also print the peak memory after each stage")
+    ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "scale.md"), help="markdown output ('-': print only)")
     ap.add_argument("--worker-prune", nargs=2, type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--worker-stages", nargs=2, type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -319,6 +325,9 @@ def main() -> None:
         print(json.dumps(worker_stages(*args.worker_stages)))
         return
 
+    from benchmarks import provenance
+
+    prov = provenance.start(script="benchmarks/scale.py")
     folder = args.out or Path(tempfile.mkdtemp(prefix="onnxprune-scale-"))
     folder.mkdir(parents=True, exist_ok=True)
     names = args.only or list(MODELS)
@@ -376,6 +385,29 @@ def main() -> None:
         "peak = peak RSS (VmHWM) of a fresh process that runs prune(); base = that process after importing"
         " onnxprune.api (Python, numpy, onnx: the floor of any run); both ratios are shown"
     )
+    if args.results != "-":
+        provenance.write_atomic(args.results, markdown(rows, prov))
+        print(f"wrote {args.results}")
+
+
+def markdown(rows, prov) -> str:
+    """The results file: provenance header, one row per model, what the columns mean."""
+    out = ["# Scale: pruning ResNet-50 and a > 2 GB external-data model", "", *prov.header(), "",
+           "| model | size MiB | pruned MiB | saved as | MACs removed | build s | prune s | peak MiB | base MiB | peak / size | (peak - base) / size |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, size, build_s, res, out_size, layout in rows:
+        red = 1 - res["macs_after"] / res["macs_before"]
+        out.append(f"| {name} | {size / MIB:.0f} | {out_size / MIB:.0f} | {layout} | {red:.1%} | {build_s:.1f} | {res['seconds']:.1f} | "
+                   f"{res['peak'] / MIB:.0f} | {res['base'] / MIB:.0f} | {res['peak'] / size:.2f} | {(res['peak'] - res['base']) / size:.2f} |")
+    timings = {name: res["timings"] for name, _, _, res, _, _ in rows}
+    out += ["",
+            "`prune(path, strategy=\"uniform\", target_flops=0.3)` in a fresh subprocess per model. size = the model file plus its external data; "
+            "peak = peak resident memory (VmHWM) of that subprocess; base = the subprocess after importing `onnxprune.api` (Python, numpy, onnx), "
+            f"the floor of any run. Target: peak <= {TARGET_RATIO:g}x the model size. Memory does not depend on the machine's load; "
+            "the seconds do (shared machine, load in the header). resnet50: `models.zoo` ImageNet ResNet-50, legacy export, 1x3x224x224; "
+            "vgg_wide: a VGG-like net written with `onnx.helper`, weights in one external data file (> 2 GiB).",
+            "", "Stage times inside `prune()` (s): " + "; ".join(f"{n}: " + ", ".join(f"{k} {v:.2f}" for k, v in t.items()) for n, t in timings.items()) + "."]
+    return "\n".join(out) + "\n"
 
 if __name__ == "__main__":
     main()

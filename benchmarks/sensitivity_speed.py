@@ -56,6 +56,8 @@ from onnxprune.graph import load_model  # noqa: E402
 from onnxprune.groups import find_groups  # noqa: E402
 from onnxprune.importance import score_units  # noqa: E402
 
+from benchmarks import provenance  # noqa: E402
+
 TARGET = 0.5
 TOL = 1e-6
 DEMO = ROOT / "models" / "demo"
@@ -308,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--append", action="store_true", help="append the tables to --out instead of replacing it")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sensitivity_speed.md"))
     args = ap.parse_args(argv)
+    prov = provenance.start(script="benchmarks/sensitivity_speed.py", argv=list(sys.argv[1:] if argv is None else argv))
     grid = (0.25, 0.5, 0.75) if args.quick else sensitivity.DEFAULT_GRID
     repeat = args.repeat or (1 if args.quick else 2)
     n = 256 if args.quick else 512
@@ -334,14 +337,13 @@ def main(argv: list[str] | None = None) -> int:
         f"mode, medians. Target: suffix CPU time <= {TARGET} x full.\n\n"
     )
     foot = f"\nTarget {'met' if ok else 'MISSED'}; drops of both modes equal within {TOL}. Benchmark wall time {time.perf_counter() - t0:.0f} s.\n"
-    text = head + table + foot
+    text = "\n".join(prov.header()) + "\n\n" + head + table + foot
     print(text)
     if args.out and not args.quick:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         if args.append and Path(args.out).is_file():
-            Path(args.out).write_text(Path(args.out).read_text() + "\n## Additional run\n\n" + text)
+            provenance.write_atomic(args.out, Path(args.out).read_text() + "\n## Additional run\n\n" + text)
         else:
-            Path(args.out).write_text("# Sensitivity analysis: suffix caching vs full re-evaluation\n\n" + text)
+            provenance.write_atomic(args.out, "# Sensitivity analysis: suffix caching vs full re-evaluation\n\n" + text)
     return 0
 
 

@@ -11,15 +11,16 @@ reduction and wall times. With ``--round-to auto`` (the default
 since 1ea405b) prune() itself halves the multiple (16, 8, 4) until the target
 is reachable; the table shows the multiple used. With a fixed default, a
 target it cannot reach is reported and re-run at --round-to 4. Sensitivity curves are cached under ``--cache-dir``
-(a folder in /tmp by default), so the analysis runs once per model and
-criterion and later runs reuse it; the table shows the analysis time of the
-run that computed it.
+(a fresh temporary folder per run by default, so no curve measured by older
+code is reused), so the analysis runs once per model and criterion and the
+later targets reuse it; the table shows the analysis time of the run that
+computed it.
 
 Note: exporters fold BatchNormalization into the convs, so on exported
 models the ``bn`` criterion has no BN scales and falls back to ``l1`` (the
 table says when it did).
 
-    python benchmarks/strategies.py [--quick] [--cache-dir /tmp/onnxprune-strategies-cache] [--out benchmarks/results/strategies.md]
+    python benchmarks/strategies.py [--quick] [--cache-dir DIR] [--out benchmarks/results/strategies.md]
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import argparse
 import logging
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -43,6 +45,8 @@ from onnxprune.errors import TargetError  # noqa: E402
 from onnxprune.graph import load_model  # noqa: E402
 from onnxprune.groups import find_groups  # noqa: E402
 from onnxprune.importance import score_units  # noqa: E402
+
+from benchmarks import provenance  # noqa: E402
 
 DEMO = ROOT / "models" / "demo"
 MODELS = ("fmnist_vgg11", "fmnist_resnet20")
@@ -70,11 +74,20 @@ def bn_falls_back(path: Path) -> bool:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="VGG-11 only, -30%% only, criterion l1, first 500 images; writes no file")
-    ap.add_argument("--cache-dir", default="/tmp/onnxprune-strategies-cache")
+    ap.add_argument("--cache-dir", default=None, help="sensitivity cache (default: a fresh temporary folder, removed at the end)")
     ap.add_argument("--data", default=str(DEMO / "fmnist_val.npz"))
     ap.add_argument("--calib-data", default=str(DEMO / "fmnist_calib.npz"), help="unlabeled calibration images (not the val set)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "strategies.md"))
     args = ap.parse_args(argv)
+    prov = provenance.start(script="benchmarks/strategies.py", argv=list(sys.argv[1:] if argv is None else argv))
+    if args.cache_dir is None:
+        with tempfile.TemporaryDirectory(prefix="onnxprune-strategies-") as tmp:
+            args.cache_dir = tmp
+            return run(args, prov, cache_note="a fresh temporary folder")
+    return run(args, prov, cache_note=args.cache_dir)
+
+
+def run(args, prov, cache_note: str) -> int:
     models = [m for m in (MODELS[:1] if args.quick else MODELS) if (DEMO / f"{m}.onnx").is_file()]
     targets = TARGETS[:1] if args.quick else TARGETS
     criteria = CRITERIA[:1] if args.quick else CRITERIA
@@ -146,14 +159,15 @@ def main(argv: list[str] | None = None) -> int:
             k = (r["model"], r["target"])
             if r[key] is not None and (k not in best or r[key] > best[k][key]):
                 best[k] = r
-        summary += [f"best {label} at {k[0]} -{k[1]:.0%}: {b['strategy']} / {b['criterion']} ({100 * b[key]:.2f}%)" for k, b in best.items()]
+        summary += [f"highest {label} at {k[0]} -{k[1]:.0%}: {b['strategy']} / {b['criterion']} ({100 * b[key]:.2f}%; descriptive, "
+                    "read on the same images the sensitivity was measured on, not a held-out choice)" for k, b in best.items()]
     n = rows[0]["n"] if rows else 0
     head = (
         f"Trained demo models, shipped validation set ({n} images, {args.data.split('/')[-1]}), top-1 before fine-tuning: "
         f"right after pruning, and after prune()'s default activation-statistics calibration (PruneOptions.calibrate="
         f"{PruneOptions().calibrate} unlabeled samples of {Path(calib).name if calib else '--data'}, method "
         f"{PruneOptions().calibrate_method}; sensitivity measured uncalibrated); --round-to {round_to} (default), ONNX Runtime {ort.__version__} CPU "
-        f"(default threads: {os.cpu_count()} logical CPUs, shared); sensitivity grid = default, cache in {args.cache_dir}. "
+        f"(default threads: {os.cpu_count()} logical CPUs, shared); sensitivity grid = default, cache in {cache_note}. "
         f"Wall s = whole prune() call (load, reference pass, scoring, allocation, rewrite, evaluation).\n"
     )
     notes = list(dict.fromkeys(notes))
@@ -161,8 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     text += f"\n\nBenchmark wall time {time.perf_counter() - t_start:.0f} s.\n"
     print(text)
     if args.out and not args.quick:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text("# Allocation strategies: top-1 before fine-tuning\n\n" + text)
+        provenance.write_atomic(args.out, "# Allocation strategies: top-1 before fine-tuning\n\n" + "\n".join(prov.header()) + "\n\n" + text)
     return 0
 
 
