@@ -88,8 +88,8 @@ class Variant:
 
     @property
     def rt(self) -> str:
-        if self.round_to == "auto":
-            return f"auto→{self.resolved}" if self.resolved else "auto"
+        if self.round_to in ("auto", "measured"):
+            return f"{self.round_to}→{self.resolved}" if self.resolved else str(self.round_to)
         return str(self.round_to)
 
 
@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     prov = provenance.start(script="benchmarks/latency.py", argv=list(sys.argv[1:] if argv is None else argv))
     targets = (0.3,) if args.quick else (0.3, 0.5)
-    rounds_to = (1, DEFAULT_ROUND) if args.quick else tuple(dict.fromkeys((1, 8, DEFAULT_ROUND, 16)))
+    rounds_to = (1, DEFAULT_ROUND) if args.quick else tuple(dict.fromkeys((1, 8, DEFAULT_ROUND, "measured", 16)))
     rounds = args.rounds or (4 if args.quick else 20)
     cpu_rounds = args.cpu_rounds if args.cpu_rounds is not None else (2 if args.quick else 8)
     reps = {1: 10 if args.quick else 20, 32: 2 if args.quick else 3}

@@ -5,7 +5,8 @@ For each shipped demo model and MAC target (-30%, -50%), sensitivity allocation 
 
 * **old auto**: every group at multiples of the SIMD block (16 with AVX-512), halved only where
   the target is unreachable (what ``--round-to auto`` did before ``onnxprune.rounding``);
-* **new auto**: ``--round-to auto`` (multiples only for groups whose measured time steps);
+* **new auto**: ``--round-to measured`` (multiples only for groups whose measured time steps; it was
+  ``auto`` when ``results/rounding.md`` was written, see its commit);
 * **round-to 1**: the unrounded plan the new auto run reports beside its own (same scores and
   sensitivity data, so identical to a ``--round-to 1`` run), with its accuracy after recovery.
 
@@ -75,7 +76,7 @@ def run_model(name: str, targets, cache: Path, tmp: Path) -> list[dict]:
     rows = []
     for target in targets:
         old = old_auto(path, target, cache, tmp / f"{name}-old.onnx")
-        new = prune(path, options=PruneOptions(target_flops=target, cache_dir=str(cache)), data=str(VAL), calib_data=str(CALIB),
+        new = prune(path, options=PruneOptions(target_flops=target, round_to="measured", cache_dir=str(cache)), data=str(VAL), calib_data=str(CALIB),
                     output=tmp / f"{name}-new.onnx", force=True)
         d = new.report.detail["rounding"]
         builder = MaskBuilder(cg, score_units(cg, "l1"))
@@ -99,7 +100,7 @@ def render(rows: list[dict], prov) -> str:
              "on 512 images of `fmnist_calib.npz`; top-1 after recovery, no fine-tuning, on the same 2,500 images (all three plans alike). "
              "Predicted latency: batch 1, ONNX Runtime CPU, every core, one latency model per model (standalone-layer tables plus the "
              "rounding probes, anchored on the measured original). old auto: global multiple of the SIMD block, halved only when "
-             "unreachable; new auto: `--round-to auto`; round-to 1: the unrounded plan from the same data, as the new auto run reports it.",
+             "unreachable; new auto: `--round-to measured`; round-to 1: the unrounded plan from the same data, as the new auto run reports it.",
              "",
              "| model | target | original top-1 | old auto: MACs cut / top-1 / pred. ms | new auto: MACs cut / top-1 / pred. ms | round-to 1: MACs cut / top-1 / pred. ms | groups on multiples | probe s (cold / cached) |",
              "|---|---|---|---|---|---|---|---|"]

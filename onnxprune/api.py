@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 StageProgress = Callable[[str, int, int], None]
 STRATEGIES = ("auto", "uniform", "sensitivity", "cost-aware")
+ROUND_MODES = ("auto", "measured")  # --round-to values besides an integer
 
 
 class _DefaultTarget(float):
@@ -65,7 +66,7 @@ class PruneOptions:
     target_flops: float | None = DEFAULT_TARGET_FLOPS  # None: only with a saved plan (prune(plan=...)), which decides the channels
     strategy: str = "auto"  # auto: sensitivity with data, uniform without
     criterion: str = "l1"
-    round_to: int | str = "auto"  # "auto": the SIMD block only for groups whose measured time steps at it (onnxprune.rounding), else any count
+    round_to: int | str = "auto"  # "auto": the CPU's SIMD block, halved if the target needs it; "measured": per group (onnxprune.rounding)
     exclude: tuple[str, ...] = ()
     input_shapes: Mapping[str, tuple[int, ...]] | None = None
     device: str = "auto"
@@ -116,7 +117,7 @@ class PruneOptions:
                 f"--target-flops must be the fraction of MACs to remove, strictly between 0 and 1; got {self.target_flops}",
                 fix="e.g. --target-flops 0.3 removes 30% of the MACs",
             )
-        if self.round_to != "auto" and (isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1):
+        if self.round_to not in ROUND_MODES and (isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1):
             raise UsageError(f"--round-to must be 'auto' or an integer >= 1, got {self.round_to!r}", fix="use --round-to 1 to disable rounding")
         if isinstance(self.calibrate, bool) or int(self.calibrate) < 0:
             raise UsageError(f"--calibrate must be a number of samples >= 0, got {self.calibrate}", fix="e.g. --calibrate 512, or --calibrate 0 to disable")
@@ -258,7 +259,7 @@ def allocate_plan(
     With ``cost`` (a latency cost) the target is ``options.target_latency`` as a cut of the cost,
     the counts are the cost's levels (no ``round_to`` candidates), and ``detail["sensitivity_curves"]``
     lets :func:`strategy_fn` re-run the allocation for other targets (the closed loop). With
-    ``rounding`` (``--round-to auto``, MAC target) the counts are its measured per-group levels."""
+    ``rounding`` (``--round-to measured``, MAC target) the counts are its measured per-group levels."""
     strategy = resolved_strategy(options, evaluator is not None)
     candidates = round_to_candidates(options.round_to)
     if strategy == "uniform":
@@ -319,7 +320,7 @@ def latency_setup(cg: ChannelGraph, scores: np.ndarray, options: PruneOptions, p
     lm = build_latency_model(cg, settings, cache_dir=options.cache_dir, rounds=options.latency_repeats, max_spread=options.latency_max_spread,
                              progress=lambda d, t: progress("latency table", d, t))
     # an explicit --round-to N restricts the levels to multiples of N; auto keeps the table's own step
-    cost = LatencyCost(lm, allocate.MaskBuilder(cg, scores), round_to=None if options.round_to == "auto" else int(options.round_to))
+    cost = LatencyCost(lm, allocate.MaskBuilder(cg, scores), round_to=None if options.round_to in ROUND_MODES else int(options.round_to))
     return lm, cost, allocate.check_reachable(cg, scores, target=options.target_latency, round_to=1, cost=cost)
 
 
@@ -362,7 +363,7 @@ def mac_latency_detail(cg: ChannelGraph, mask: np.ndarray, pruned: onnx.ModelPro
 
 
 def rounding_setup(cg: ChannelGraph, options: PruneOptions, progress: StageProgress):
-    """``--round-to auto`` with a MAC target: (:class:`~onnxprune.rounding.AutoRounding`, None), or
+    """``--round-to measured`` with a MAC target: (:class:`~onnxprune.rounding.AutoRounding`, None), or
     (None, note) when latency cannot be measured here (then the global multiple, as before)."""
     from .errors import OnnxPruneError
     from .latency_table import resolve_settings
@@ -372,14 +373,14 @@ def rounding_setup(cg: ChannelGraph, options: PruneOptions, progress: StageProgr
         settings = resolve_settings(options.latency_device or options.device, batch=options.latency_batch, threads=options.latency_threads)
         return setup(cg, settings, cache_dir=rounding_cache_dir(options.cache_dir), progress=progress), None
     except OnnxPruneError as exc:
-        note = (f"--round-to auto could not measure latency here ({exc}); every group was rounded to multiples of "
+        note = (f"--round-to measured could not measure latency here ({exc}); every group was rounded to multiples of "
                 f"{round_to_candidates('auto')[0]} (halved where the target needs it)")
         log.warning(note)
         return None, note
 
 
 def rounding_cache_dir(cache_dir) -> str | None:
-    """Where ``--round-to auto`` keeps its measured layer times. They are facts about this machine,
+    """Where ``--round-to measured`` keeps its measured layer times. They are facts about this machine,
     not about one model, so by default (no ``--cache-dir``, or the CLI's ``.onnxprune-cache``) they go
     to the user's cache, ``~/.cache/onnxprune`` (``$XDG_CACHE_HOME/onnxprune``), shared by every model
     and project here, and a plain run leaves nothing in the working folder. Another ``--cache-dir`` is
@@ -391,7 +392,7 @@ def rounding_cache_dir(cache_dir) -> str | None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        log.warning("no latency cache for --round-to auto (%s): measuring without keeping the times", exc)
+        log.warning("no latency cache for --round-to measured (%s): measuring without keeping the times", exc)
         return None
     return str(folder)
 
@@ -511,7 +512,7 @@ def prune(
         ref = evaluator.reference_outputs
         metrics["original"] = compute_metrics(list(ref), labels=evaluator.dataset.y, reference=ref).to_dict()
         timings["reference"] = time.perf_counter() - t
-    if the_plan is None and options.target_latency is None and options.round_to == "auto":
+    if the_plan is None and options.target_latency is None and options.round_to == "measured":
         # which groups rounding speeds up: measured (cached) after every input and data check
         t = time.perf_counter()
         rounding, note = rounding_setup(cg, options, progress)
@@ -602,7 +603,7 @@ def prune(
         target=None if plan is not None or options.target_flops is None else float(options.target_flops),
         strategy=strategy,
         criterion=options.criterion,
-        round_to=None if plan is not None else (lat[1].round_to or lat[0].settings.step) if lat else int(detail.get("round_to", options.round_to if options.round_to != "auto" else round_to_candidates("auto")[0])),
+        round_to=None if plan is not None else (lat[1].round_to or lat[0].settings.step) if lat else int(detail.get("round_to", options.round_to if options.round_to not in ROUND_MODES else round_to_candidates("auto")[0])),
         macs_before=before.total_macs,
         macs_after=after.total_macs,
         params_before=before.total_params,

@@ -346,14 +346,14 @@ MEMORY_BUDGET_HELP = "MiB of activations kept for all samples (sensitivity cache
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Output model [default: MODEL.pruned.onnx].")
 @click.option("--strategy", type=click.Choice(["auto", "uniform", "sensitivity", "cost-aware"]), default="auto", show_default=True, help="auto = sensitivity with --data, uniform without.")
 @click.option("--criterion", type=click.Choice(["l1", "l2", "fpgm", "bn", "random", "recon"]), default="l1", show_default=True, help="Channel importance. recon: keep the channels the next layers' outputs are best rebuilt from (needs --data or --calib-data).")
-@click.option("--round-to", default="auto", show_default=True, help="Kept channel counts are multiples of N. auto = the SIMD block (16 with AVX-512, else 8) only for groups whose measured time steps at multiples, any count elsewhere; the summary states what rounding cost. 1 = no rounding.")
+@click.option("--round-to", default="auto", show_default=True, help="Kept channel counts are multiples of N; auto = the CPU's SIMD block (16 with AVX-512, else 8), halved where the target needs it; measured (experimental) = the block only for groups whose standalone layer times step at it, any count elsewhere, with the rounding cost in the summary. 1 = no rounding.")
 @click.option("--exclude", multiple=True, help="Node name or glob whose channels stay (repeatable).")
 @click.option("--input-shape", multiple=True, help="NAME:1x3x224x224 for inputs with dynamic spatial dims (repeatable).")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the JSON report here.")
 @click.option("--plan", type=click.Path(path_type=Path), help="Apply this saved plan instead of searching (it decides the kept channels; no --target-flops needed).")
 @click.option("--save-plan", type=click.Path(path_type=Path), help="Write the pruning plan (kept channels) as JSON.")
 @click.option("--grid", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9", show_default=True, help="Sensitivity ratios.")
-@click.option("--cache-dir", type=click.Path(path_type=Path), default=Path(".onnxprune-cache"), show_default=True, help="Sensitivity cache folder (resumes interrupted runs); a folder other than the default also keeps the layer times --round-to auto measures [default for those: ~/.cache/onnxprune].")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=Path(".onnxprune-cache"), show_default=True, help="Sensitivity cache folder (resumes interrupted runs); a folder other than the default also keeps the layer times --round-to measured takes [default for those: ~/.cache/onnxprune].")
 @click.option("--memory-budget", type=float, default=None, help=MEMORY_BUDGET_HELP)
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("--recover", "--calibrate", "calibrate_n", type=int, default=512, show_default=True, help="Unlabeled samples used to recover accuracy after pruning (needs --data or --calib-data; 0 = off; --calibrate is the old name). reconstruct costs about two forward passes over N samples plus the layer fits.")
@@ -392,11 +392,11 @@ def prune_cmd(model, target_flops, output, strategy, criterion, round_to, exclud
 
         require_matplotlib("--plot")
         check_output_path(plot_path, input_path=check_model_path(model), force=True, flag="--plot")
-    if round_to != "auto":
+    if round_to not in ("auto", "measured"):
         try:
             round_to = int(round_to)
         except ValueError:
-            raise UsageError(f"--round-to must be 'auto' or an integer, got '{round_to}'", fix="e.g. --round-to 8") from None
+            raise UsageError(f"--round-to must be 'auto', 'measured' or an integer, got '{round_to}'", fix="e.g. --round-to 8") from None
     ft = None
     if finetune_epochs:
         from .finetune import FinetuneOptions

@@ -30,7 +30,7 @@ def simd_channel_block() -> int:
 
 def round_to_candidates(round_to: int | str) -> list[int]:
     """``"auto"`` -> [block, block/2, ..., 4]: the largest multiple that can reach the target wins."""
-    if round_to != "auto":
+    if round_to not in ("auto", "measured"):  # measured falls back to auto's multiples
         return [int(round_to)]
     block = simd_channel_block()
     out = [block]

@@ -76,7 +76,7 @@ class PruneReport:
             f"(-{1 - self.params_after / max(self.params_before, 1):.1%})",
             f"Strategy {self.strategy}, criterion {self.criterion}, "
             + (f"channel counts where the measured time drops (steps of {self.round_to})" if lat.get("target") is not None
-               else f"round-to auto (measured per group, steps of {self.round_to} or 1)" if ((self.detail or {}).get("rounding") or {}).get("mode") == "auto"
+               else f"round-to measured (per group, steps of {self.round_to} or 1)" if ((self.detail or {}).get("rounding") or {}).get("mode") == "auto"
                else f"round-to {self.round_to}")
             if self.strategy != "plan"
             else f"Channels kept as listed in plan {plan_file or ''} (no search; --target-flops, --strategy, --criterion and --round-to do not apply)",
@@ -112,7 +112,7 @@ class PruneReport:
 
 
 def rounding_lines(detail: Mapping[str, Any]) -> list[str]:
-    """What ``--round-to auto`` cost: the rounded vs the unrounded (round-to 1) plan from the same data."""
+    """What ``--round-to measured`` cost: the rounded vs the unrounded (round-to 1) plan from the same data."""
     r = detail.get("rounding") or {}
     if r.get("mode") == "fallback":
         return [f"Note: {r['note']}"]

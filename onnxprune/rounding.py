@@ -1,4 +1,4 @@
-"""``--round-to auto`` with a MAC target: round a group's kept count only where it buys measured speed.
+"""``--round-to measured`` with a MAC target: round a group's kept count only where it buys measured speed.
 
 A global multiple (the SIMD block, 16 with AVX-512) is right for layers that
 ONNX Runtime runs blocked (NCHWc), where a count just below a multiple is
@@ -6,6 +6,15 @@ padded up or falls back to a slower kernel, so time is a staircase in the
 channel count. It is wrong for layers whose time falls smoothly with channels
 (small maps, Gemm heads, kernels ORT does not block): there rounding only
 makes the plan coarser, which costs accuracy and overshoots the MAC target.
+
+**Why it is not the default** (``--round-to auto`` keeps the global multiple).
+Standalone layers miss what a layer off the block costs its neighbours in the
+full graph (ORT inserts NCHWc reorders around it). Measured in
+``benchmarks/results/latency.md`` on CIFAR ResNet-56 at -30% MACs: the global
+multiple cut latency 25.5% (0.85x the MAC cut); this per-group rounding, which
+let some groups off the block, only 10.2% (0.34x). VGG-16 was unaffected (0.87x
+both). Probing pairs of neighbouring layers, or the full model with one group
+changed, would see those reorders.
 
 **How a group is classified.** Each compute node that a group slices (its
 producers on the output axis, its consumers on the input axis, also where the
@@ -323,7 +332,7 @@ def corrected_model(lm, cg: ChannelGraph, specs: Mapping[str, LayerSpec], probe:
 # --------------------------------------------------------------------------- the whole setup
 @dataclass(eq=False)
 class AutoRounding:
-    """What ``--round-to auto`` decided for a MAC target: the probe, the latency model (for
+    """What ``--round-to measured`` decided for a MAC target: the probe, the latency model (for
     predicted latency of rounded and unrounded plans), and the cost the allocators take."""
 
     probe: Probe

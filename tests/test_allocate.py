@@ -106,18 +106,11 @@ def test_auto_rounding_uses_simd_block_and_halves_when_needed(zoo_export):
 
     block = simd_channel_block()
     assert block in (8, 16) and round_to_candidates("auto")[0] == block and round_to_candidates(12) == [12]
-    from onnxprune.api import _with_rounding
-
     path = zoo_export("resnet56", "legacy", 1.0)
-    # the global multiple, halved where needed: what --round-to auto falls back to when latency cannot be
-    # measured (the measured per-group rounding itself is tested in test_rounding.py)
-    cg = find_groups(onnx.load(str(path)))
-    scores = score_units(cg, "l1")
-    a30 = _with_rounding(round_to_candidates("auto"), lambda r: allocate.uniform(cg, scores, target=0.3, round_to=r))
-    assert a30.detail["round_to"] == block and a30.reduction >= 0.3
-    # ResNet-56's 16-channel stage cannot shrink at multiples of 16: -50% needs multiples of 8
-    a50 = _with_rounding(round_to_candidates("auto"), lambda r: allocate.uniform(cg, scores, target=0.5, round_to=r))
-    assert a50.detail["round_to"] == 8 and a50.reduction >= 0.5
-    assert all(k % 8 == 0 for k in a50.keep.values())
     r30 = prune(path, options=PruneOptions(target_flops=0.3), write=False).report
-    assert r30.detail["rounding"]["mode"] == "auto" and r30.reduction >= 0.3
+    assert r30.round_to == block and r30.reduction >= 0.3
+    # ResNet-56's 16-channel stage cannot shrink at multiples of 16: -50% needs multiples of 8
+    r50 = prune(path, options=PruneOptions(target_flops=0.5), write=False).report
+    assert r50.round_to == 8 and r50.reduction >= 0.5
+    kept = [g.channels_after for g in r50.groups if g.blocked_reason is None]
+    assert all(k % 8 == 0 for k in kept)

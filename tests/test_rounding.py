@@ -1,4 +1,4 @@
-"""``--round-to auto`` with a MAC target: per-group levels from measured staircases.
+"""``--round-to measured`` with a MAC target: per-group levels from measured staircases.
 
 Real ORT measurements on tiny models built here; the assertions are on structure (levels, the
 target and its overshoot bound, cache reuse, fallback, report lines), never on timings.
@@ -138,7 +138,7 @@ def test_staircase_groups_take_finer_multiples_when_the_target_needs_it(setup):
 def test_prune_reports_rounding_cost_and_fallback(tmp_path):
     ok = tmp_path / "m.onnx"
     onnx.save(cnn(), ok)
-    res = prune(ok, options=PruneOptions(target_flops=0.3, cache_dir=str(tmp_path / "c"), latency_threads=1), output=tmp_path / "o.onnx")
+    res = prune(ok, options=PruneOptions(target_flops=0.3, round_to="measured", cache_dir=str(tmp_path / "c"), latency_threads=1), output=tmp_path / "o.onnx")
     r = res.report.detail["rounding"]
     assert r["mode"] == "auto" and r["reduction"] == pytest.approx(res.report.reduction)
     assert r["reduction"] >= 0.3 and r["unrounded_reduction"] >= 0.3 and r["unrounded_predicted_ms"] > 0
@@ -148,12 +148,16 @@ def test_prune_reports_rounding_cost_and_fallback(tmp_path):
     # a fixed batch of 4 cannot be measured at the default --latency-batch 1: today's global multiple, said so
     fixed = tmp_path / "fixed.onnx"
     onnx.save(cnn(batch=4), fixed)
-    res = prune(fixed, options=PruneOptions(target_flops=0.3, cache_dir=str(tmp_path / "c")), output=tmp_path / "f.onnx")
+    res = prune(fixed, options=PruneOptions(target_flops=0.3, round_to="measured", cache_dir=str(tmp_path / "c")), output=tmp_path / "f.onnx")
     r = res.report.detail["rounding"]
     assert r["mode"] == "fallback" and "--latency-batch 4" in r["note"] and "multiples of" in r["note"]
-    assert any(x.startswith("Note: --round-to auto could not measure latency") for x in res.report.summary_lines())
+    assert any(x.startswith("Note: --round-to measured could not measure latency") for x in res.report.summary_lines())
     step = res.report.round_to
     assert step > 1 and all(g.channels_after % step == 0 or g.channels_after == g.channels_before for g in res.report.groups)
+    # the default auto keeps the global multiple (halved where needed): no probing, no rounding detail
+    res = prune(ok, options=PruneOptions(target_flops=0.3), output=tmp_path / "d.onnx")
+    assert "rounding" not in res.report.detail and res.report.round_to in (16, 8, 4)
+    assert all(g.channels_after % res.report.round_to == 0 or g.channels_after == g.channels_before for g in res.report.groups)
     # explicit --round-to keeps its meaning: no probing, no rounding detail
     res = prune(ok, options=PruneOptions(target_flops=0.3, round_to=8), output=tmp_path / "e.onnx")
     assert "rounding" not in res.report.detail and res.report.round_to == 8
@@ -173,7 +177,7 @@ def test_large_models_keep_the_global_multiple_without_measuring(tmp_path):
 def test_cli_summary_states_rounding_cost(tmp_path):
     out, rep = tmp_path / "p.onnx", tmp_path / "r.json"
     r = subprocess.run([sys.executable, "-m", "onnxprune.cli", "prune", str(DEMO), "--target-flops", "0.3", "--strategy", "uniform",
-                        "--data", str(VAL), "--limit", "300", "--calibrate", "0", "-o", str(out), "--report", str(rep),
+                        "--round-to", "measured", "--data", str(VAL), "--limit", "300", "--calibrate", "0", "-o", str(out), "--report", str(rep),
                         "--cache-dir", str(tmp_path / "cache"), "--quiet"],
                        capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "COLUMNS": "200"})
     assert r.returncode == 0, r.stderr
