@@ -10,10 +10,10 @@ makes the plan coarser, which costs accuracy and overshoots the MAC target.
 **Why it is not the default** (``--round-to auto`` keeps the global multiple).
 Standalone layers miss what a layer off the block costs its neighbours in the
 full graph (ORT inserts NCHWc reorders around it). Measured in
-``benchmarks/results/latency.md`` on CIFAR ResNet-56 at -30% MACs: the global
-multiple cut latency 25.5% (0.85x the MAC cut); this per-group rounding, which
-let some groups off the block, only 10.2% (0.34x). VGG-16 was unaffected (0.87x
-both). Probing pairs of neighbouring layers, or the full model with one group
+``benchmarks/results/latency.md`` at batch 1 on CIFAR ResNet-56 at -30% MACs:
+the global multiple cut latency 25.1% (0.84x the MAC cut); this per-group
+rounding, which let some groups off the block, only 8.6% (0.29x). On VGG-16:
+0.87x vs 0.76x at -30%, 0.89x vs 0.79x at -50%. Probing pairs of neighbouring layers, or the full model with one group
 changed, would see those reorders.
 
 **How a group is classified.** Each compute node that a group slices (its
