@@ -333,8 +333,7 @@ def main() -> int:
     labels = (["HEAD"] if head is not None else []) + list(args.fits)
     text = render(rows, labels, args.alloc_fits, args, started, load0, time.perf_counter() - t0)
     print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    provenance.write_atomic(args.out, text)  # a failed run leaves the old results file whole
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
 

@@ -38,6 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks import provenance  # noqa: E402
+
 MODEL = Path("/tmp/onnxprune_bench/resnet50_224.onnx")
 TARGET = 0.30
 GOAL_S, GOAL_X = 120.0, 20.0
@@ -191,8 +193,7 @@ def main() -> int:
         print(json.dumps(rows[-1]), file=sys.stderr)
     text = render(rows, args, started, load_start, time.perf_counter() - t0)
     print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    provenance.write_atomic(args.out, text)  # a failed run leaves the old results file whole
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
 
