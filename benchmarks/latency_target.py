@@ -18,15 +18,12 @@ Models are random-weight look-alikes from ``models/`` exported with the legacy
 exporter; sizes reduced where the full size does not fit the time are stated
 in the table (width multiplier, input size).
 
-    python benchmarks/latency_target.py [--threads 2] [--quick] [--out benchmarks/results/latency_target.md]
+    python benchmarks/latency_target.py [--threads 2] [--quick] [--models a,b] [--out benchmarks/results/latency_target.md]
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,6 +38,8 @@ import onnxruntime as ort  # noqa: E402
 from onnxprune.api import PruneOptions, prune  # noqa: E402
 from onnxprune.errors import OnnxPruneError  # noqa: E402
 from onnxprune.hardware import cpu_identity, simd_channel_block  # noqa: E402
+
+from benchmarks import provenance  # noqa: E402
 
 # name, label, constructor kwargs, input (C, H, W), what was reduced
 MODELS = [
@@ -114,45 +113,6 @@ def table_times(args, folder: Path) -> list[tuple[str, float, float, int]]:
     return out
 
 
-def accuracy_rows(args, cache: Path) -> list[dict]:
-    """Demo models: sensitivity allocation at --target-latency 0.3 vs MAC targets, top-1 after reconstruction,
-    compared at equal measured latency cut (MAC-targeted top-1 interpolated between MAC targets)."""
-    demo = ROOT / "models" / "demo"
-    val, calib = str(demo / "fmnist_val.npz"), str(demo / "fmnist_calib.npz")
-    out = []
-    for path in sorted(demo.glob("*.onnx")):
-        common = dict(strategy="sensitivity", device="cpu", latency_threads=args.threads, cache_dir=str(cache), latency_repeats=args.rounds,
-                      latency_max_spread=args.max_spread)
-        try:
-            lat = prune(path, options=PruneOptions(target_latency=0.3, **common), data=val, calib_data=calib, write=False)
-        except OnnxPruneError as exc:
-            out.append({"model": path.stem, "error": exc.one_line()})
-            continue
-        cut = lat.report.detail["latency"]["measured_cut"]
-        macs = []
-        for t in (0.2, 0.4, 0.6, 0.7):
-            try:
-                r = prune(path, options=PruneOptions(target_flops=t, measure_latency=True, **common), data=val, calib_data=calib, write=False)
-            except OnnxPruneError:
-                continue
-            macs.append((r.report.detail["latency"]["measured_cut"], r.report.metrics["calibrated"]["top1"], t, r.report.reduction))
-        macs.sort()
-        below = [m for m in macs if m[0] <= cut]
-        above = [m for m in macs if m[0] >= cut]
-        if below and above:
-            (c0, a0, t0, _), (c1, a1, t1, _) = below[-1], above[0]
-            acc = a0 if c1 == c0 else a0 + (a1 - a0) * (cut - c0) / (c1 - c0)
-            how = f"interpolated between --target-flops {t0} ({100 * c0:.1f}% latency) and {t1} ({100 * c1:.1f}%)"
-        else:
-            near = min(macs, key=lambda m: abs(m[0] - cut))
-            acc, how = near[1], f"nearest: --target-flops {near[2]} ({100 * near[0]:.1f}% latency)"
-        out.append({"model": path.stem, "lat_cut": cut, "lat_macs": lat.report.reduction, "lat_top1": lat.report.metrics["calibrated"]["top1"],
-                    "orig_top1": lat.report.metrics["original"]["top1"], "mac_top1": acc, "how": how,
-                    "mac_points": [(round(c, 3), round(a, 4), t) for c, a, t, _ in macs]})
-        print(out[-1], flush=True)
-    return out
-
-
 def pct(v) -> str:
     return "-" if v is None else f"{100 * v:.1f}%"
 
@@ -165,10 +125,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="batch 1, target 0.3, three models")
     ap.add_argument("--models", help="comma-separated subset of model names")
     ap.add_argument("--no-tables", action="store_true", help="skip the table build time section")
-    ap.add_argument("--no-accuracy", action="store_true", help="skip the accuracy comparison on the demo models")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "latency_target.md"))
     args = ap.parse_args()
-    load0, t0 = os.getloadavg(), time.time()
+    prov = provenance.start()
     models = MODELS[:3] if args.quick else MODELS
     if args.models:
         models = [m for m in MODELS if m[0] in args.models.split(",")]
@@ -186,24 +145,20 @@ def main() -> None:
                     mac_rows.append((label, batch, target, m))
                     print(label, batch, target, {k: r.get(k) for k in ("measured_cut", "macs_red", "error", "n_iter", "error")}, m, flush=True)
         tables = [] if args.no_tables else table_times(args, folder)
-        acc = [] if args.no_accuracy or args.quick else accuracy_rows(args, cache)
-    load1 = os.getloadavg()
-    write(args, rows, mac_rows, tables, acc, load0, load1, time.time() - t0)
+    write(args, prov, rows, mac_rows, tables)
 
 
-def write(args, rows, mac_rows, tables, acc, load0, load1, wall) -> None:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+def write(args, prov, rows, mac_rows, tables) -> None:
     lines = [
         "# Latency-targeted pruning (ONNX Runtime CPU)",
         "",
-        f"Command: `python benchmarks/latency_target.py {' '.join(sys.argv[1:])}`; source {commit}{'+dirty' if dirty else ''}; "
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
-        f"Machine: {cpu_identity()}, {os.cpu_count()} logical CPUs shared with other jobs, NCHWc block {simd_channel_block()}; "
-        f"load average {load0[0]:.2f} / {load0[1]:.2f} (1 / 5 min) at start, {load1[0]:.2f} / {load1[1]:.2f} at end. "
-        f"Python {platform.python_version()}, ONNX Runtime {ort.__version__} CPUExecutionProvider, {args.threads} intra-op threads, no spinning.",
+        *prov.header(),
+        f"- Runtime: ONNX Runtime {ort.__version__} CPUExecutionProvider, {args.threads} intra-op threads, no spinning; NCHWc block {simd_channel_block()} ({cpu_identity()})",
+        "",
         "Random-weight look-alikes from `models/` (legacy export), uniform L1 allocation, no data. "
-        f"Latency: medians of {args.rounds} interleaved original/pruned rounds at batch 1 ({max(5, args.rounds // 2)} at batch 32), each the fastest of runs lasting about 20 ms.",
+        f"Latency: medians of {args.rounds} interleaved original/pruned rounds at batch 1 ({max(5, args.rounds // 2)} at batch 32), each the fastest of runs lasting about 20 ms. "
+        "Accuracy at equal measured latency (trained demo models, after fine-tuning, chosen on validation and reported on test) is in "
+        "`latency_accuracy.md` (`benchmarks/latency_accuracy.py`).",
         "",
         "## `--target-latency R --strategy uniform`",
         "",
@@ -247,19 +202,7 @@ def write(args, rows, mac_rows, tables, acc, load0, load1, wall) -> None:
     if tables:
         lines += ["", "## Latency table build time (batch 1)", "", "| model | points measured | cold cache s | from cache s |", "|---|---|---|---|"]
         lines += [f"| {label} | {pts} | {cold:.1f} | {warm:.2f} |" for label, cold, warm, pts in tables]
-    if acc:
-        lines += ["", "## Accuracy at equal measured latency (demo models, batch 1)", "",
-                  "Sensitivity allocation, L1, reconstruction on 512 calibration images, top-1 on the 2,500 test images. "
-                  "Latency-targeted: `--target-latency 0.3`. MAC-targeted: `--target-flops` 0.2..0.6 with `--measure-latency`, "
-                  "top-1 interpolated at the latency-targeted run's measured cut.", "",
-                  "| model | original top-1 | measured latency cut | latency-targeted top-1 (MACs cut) | MAC-targeted top-1 at that cut | how |", "|---|---|---|---|---|---|"]
-        for a in acc:
-            if "error" in a:
-                lines.append(f"| {a['model']} | | | | | {a['error']} |")
-                continue
-            lines.append(f"| {a['model']} | {100 * a['orig_top1']:.2f} | {pct(a['lat_cut'])} | {100 * a['lat_top1']:.2f} ({pct(a['lat_macs'])}) | {100 * a['mac_top1']:.2f} | {a['how']} |")
-    lines += ["", f"Wall time of this benchmark: {wall:.0f} s."]
-    Path(args.out).write_text("\n".join(lines) + "\n")
+    provenance.write_atomic(args.out, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -264,7 +264,7 @@ def allocate_plan(
     candidates = round_to_candidates(options.round_to)
     if strategy == "uniform":
         if cost is not None:
-            return strategy_fn(cg, scores, strategy, None, cost)(options.target_latency), {"sensitivity_curves": None}
+            return strategy_fn(cg, scores, strategy, None, cost)(_first_ask(cg, scores, options, cost)), {"sensitivity_curves": None}
         return _mac_allocation(cg, candidates, rounding, lambda r, c: allocate.uniform(cg, scores, target=options.target_flops, round_to=r, cost=c))
     if evaluator is None:
         raise UsageError(f"--strategy {strategy} measures accuracy and needs data", fix="pass --data DATA or use --strategy uniform")
@@ -282,7 +282,7 @@ def allocate_plan(
     )
     fn = allocate.by_threshold if strategy == "sensitivity" else allocate.cost_aware
     if cost is not None:
-        alloc = strategy_fn(cg, scores, strategy, run.curves, cost)(options.target_latency)
+        alloc = strategy_fn(cg, scores, strategy, run.curves, cost)(_first_ask(cg, scores, options, cost))
     else:
         alloc, extra = _mac_allocation(cg, candidates, rounding, lambda r, c: fn(cg, scores, run.curves, target=options.target_flops, round_to=r, cost=c))
     detail = {
@@ -294,6 +294,12 @@ def allocate_plan(
         "sensitivity_curves": run.curves,  # prune() moves it to PruneResult.curves (not into the report)
     }
     return alloc, detail
+
+
+def _first_ask(cg: ChannelGraph, scores: np.ndarray, options: PruneOptions, cost: allocate.CostModel) -> float:
+    """The latency target, or the predicted limit when the target lies just past it (see :func:`latency_setup`)."""
+    limit = allocate.check_reachable(cg, scores, target=1e-6, round_to=1, cost=cost)
+    return min(options.target_latency, limit - 1e-6)
 
 
 def resolved_strategy(options: PruneOptions, has_data: bool) -> str:
@@ -321,7 +327,17 @@ def latency_setup(cg: ChannelGraph, scores: np.ndarray, options: PruneOptions, p
                              progress=lambda d, t: progress("latency table", d, t))
     # an explicit --round-to N restricts the levels to multiples of N; auto keeps the table's own step
     cost = LatencyCost(lm, allocate.MaskBuilder(cg, scores), round_to=None if options.round_to in ROUND_MODES else int(options.round_to))
-    return lm, cost, allocate.check_reachable(cg, scores, target=options.target_latency, round_to=1, cost=cost)
+    try:
+        return lm, cost, allocate.check_reachable(cg, scores, target=options.target_latency, round_to=1, cost=cost)
+    except TargetError as exc:
+        # the table predicts, the loop measures: a target within the tolerance of the predicted
+        # limit goes to the loop (which starts at that limit and refuses if the measurement agrees)
+        try:
+            reach = allocate.check_reachable(cg, scores, target=max(options.target_latency - options.latency_tolerance, 1e-6), round_to=1, cost=cost)
+        except TargetError:
+            raise exc from None
+        log.info("latency target %.3f is above the predicted limit %.3f but within the tolerance: measuring", options.target_latency, reach)
+        return lm, cost, reach
 
 
 def latency_loop(cg, scores, options: PruneOptions, lat, curves, has_data: bool, progress: StageProgress):

@@ -93,7 +93,7 @@ def closed_loop(
     for ``target - e``, where ``e`` is what the refitted model still gets wrong at the last point
     (measured cut - predicted cut); once one iteration fell short and another overshot, the
     request is interpolated between the two closest (regula falsi: the staircase is monotone
-    in the request, the model error need not be). A request that gives channels already measured ends the loop. Each iteration's prediction is the one made before its
+    in the request, the model error need not be; after two misses on one side the other end counts half, the Illinois variant). A request that gives channels already measured ends the loop. Each iteration's prediction is the one made before its
     measurement, with that bias added (what earlier iterations measured). Returns the iteration
     closest to the target."""
     feeds = feeds if feeds is not None else model_feeds(lm.cg, lm.settings.batch)
@@ -101,9 +101,12 @@ def closed_loop(
     points: list[tuple[np.ndarray, float]] = []
     done: list[tuple[Iteration, object, np.ndarray, onnx.ModelProto]] = []
     asked: list[float] = []
-    ask, bias = target, 0.0  # bias: measured cut - model cut at the last point (what the refit model still misses)
     limit = max_reduction
-    at_limit = floor_measured = False  # asked for the largest reachable cut / measured it
+    # bias: measured cut - model cut at the last point (what the refit model still misses); a target
+    # just past the predicted limit (within the tolerance) starts at the limit and lets the measurement decide
+    ask, bias = min(target, limit - 1e-6), 0.0
+    at_limit = target >= limit - 1e-6  # asked for the largest reachable cut
+    floor_measured = False  # and measured it
     for i in range(max(1, iterations)):
         try:
             alloc = allocate_fn(ask)
@@ -139,7 +142,13 @@ def closed_loop(
         under = max((t for t in tried if t[1] < target), key=lambda t: t[1], default=None)
         over = min((t for t in tried if t[1] > target), key=lambda t: t[1], default=None)
         if under and over and over[0] != under[0]:  # bracketed: interpolate the request between the closest misses
-            ask = under[0] + (target - under[1]) * (over[0] - under[0]) / (over[1] - under[1])
+            w_under, w_over = target - under[1], over[1] - target
+            sides = [d[0].measured_cut > target for d in done]
+            if len(sides) >= 2 and sides[-1] == sides[-2]:
+                # Illinois step: two misses on one side in a row, so the kept end of the bracket counts
+                # half; plain regula falsi creeps along a flat side when the staircase jumps at the other
+                w_under, w_over = (w_under / 2, w_over) if sides[-1] else (w_under, w_over / 2)
+            ask = under[0] + w_under * (over[0] - under[0]) / (w_under + w_over)
         else:
             ask = target - bias
         at_limit = ask >= limit - 1e-6

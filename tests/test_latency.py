@@ -290,3 +290,29 @@ def test_explicit_round_to_restricts_latency_levels(tmp_path):
     builder = allocate.MaskBuilder(cg, score_units(cg, "l1"))
     for gid, lv in useful_levels(lm, builder, round_to=12).items():
         assert all(c % 12 == 0 or c == cg.group(gid).channels for c in lv), lv
+
+
+def test_latency_target_just_past_the_predicted_limit_is_measured_not_refused(tmp_path):
+    """The table predicts and the loop measures: a target within --latency-tolerance of the
+    predicted limit goes to the loop (which starts at the limit); one clearly past it is refused
+    before any measurement of a pruned model, naming the largest predicted cut."""
+    from onnxprune.api import latency_setup
+    from onnxprune.errors import TargetError
+
+    model = tmp_path / "m.onnx"
+    onnx.save(chain_model(), model)
+    common = dict(strategy="uniform", device="cpu", latency_threads=1, latency_max_spread=100, cache_dir=str(tmp_path / "cache"))
+    cg = find_groups(chain_model())
+    opts = PruneOptions(target_latency=0.01, **common)
+    _, _, limit = latency_setup(cg, score_units(cg, "l1"), opts, lambda *a: None)
+    assert 0 < limit < 0.97
+    with pytest.raises(TargetError) as err:
+        prune(model, options=PruneOptions(target_latency=min(limit + 0.05, 0.99), **common), write=False)
+    assert "at most" in str(err.value) and "largest cut measured" not in str(err.value)
+    try:
+        res = prune(model, options=PruneOptions(target_latency=limit + 0.01, **common), write=False)
+    except TargetError as exc:  # the measurement at the limit fell short: refused by what was measured
+        assert "largest cut measured" in str(exc)
+    else:
+        lat = res.report.detail["latency"]
+        assert lat["iterations"][0]["predicted_target"] == pytest.approx(limit, abs=1e-5)
