@@ -675,6 +675,7 @@ def _finetune_stage(pruned, teacher, train, options, progress: StageProgress):
         "lr": res.lr,
         "lr_pilot": [list(p) for p in res.lr_pilot],
         "normalization": res.normalization,
+        "normalization_pilot": [list(p) for p in res.normalization_pilot],
         "renormalized_convs": res.renormalized,
         "validation": res.val_source,
         "metric": res.metric,

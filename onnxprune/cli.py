@@ -679,6 +679,9 @@ def finetune_cmd(model, data, val, teacher, epochs, lr, normalization, batch_siz
         out_console.print(f"learning rate {res.lr:g}, chosen by a pilot on validation {res.metric} ({tried})", markup=False)
     else:
         out_console.print(f"learning rate {res.lr:g}" + (" (no validation data for a pilot: pass --val)" if lr is None else ""), markup=False)
+    if res.normalization_pilot:
+        tried = ", ".join(f"{k} -> {'diverged' if v is None else format(v, '.4g')}" for k, v in res.normalization_pilot)
+        out_console.print(f"normalization chosen by a pilot on validation {res.metric} ({tried})", markup=False)
     out_console.print(f"normalization: {res.normalization}" + (f" ({res.renormalized} convs, folded back on write)" if res.renormalized else "")
                       + (f"; validation data: {res.val_source}" if res.val_source and res.val_source != "given" else ""), markup=False)
     if res.note:

@@ -94,7 +94,7 @@ class PruneReport:
             lines.append(f"Recovery without training: {cal.get('method')} on {cal.get('samples')} {where}")
         ft = (self.detail or {}).get("finetune")
         if ft and ft.get("lr") is not None:  # fine-tuning: how it was set up, and whether it was kept
-            how = f"lr {ft['lr']:g}" + (" (pilot)" if ft.get("lr_pilot") else "") + f", normalization {ft.get('normalization')}"
+            how = f"lr {ft['lr']:g}" + (" (pilot)" if ft.get("lr_pilot") else "") + f", normalization {ft.get('normalization')}" + (" (pilot)" if ft.get("normalization_pilot") else "")
             lines.append(f"Fine-tuning: {how}, validation {ft.get('validation') or 'none'}" + (f"; {ft['note']}" if ft.get("note") else ""))
         shapes = (self.detail or {}).get("input_shapes")
         if shapes and shapes.get("source") != "--input-shape":

@@ -169,7 +169,9 @@ def test_result_is_a_new_model_with_same_structure(tiny):
     assert [t.name for t in result.model.graph.initializer] == [t.name for t in tiny.graph.initializer]
     assert result.model.opset_import == tiny.opset_import
     assert len(result.history) == 1 and {"train_loss", "val", "train_acc", "epoch"} <= set(result.history[0])
-    kinds = [e["kind"] for e in events]
+    pilot = [e for e in events if e["kind"] in ("pilot_step", "normalization_pilot")]  # normalization="auto" measures both
+    assert pilot[-1]["kind"] == "normalization_pilot" and [k for k, _ in result.normalization_pilot] == ["reinsert", "folded"]
+    kinds = [e["kind"] for e in events if e not in pilot]
     assert kinds[0] == "start" and kinds[-1] == "epoch" and kinds.count("step") == 4
     step = next(e for e in events if e["kind"] == "step")
     assert {"epoch", "step", "steps", "loss", "acc"} <= set(step)

@@ -9,7 +9,7 @@ from onnx import numpy_helper
 
 torch = pytest.importorskip("torch")
 
-from onnxprune.finetune import FinetuneOptions, finetune  # noqa: E402
+from onnxprune.finetune import FinetuneOptions, choose_reinsert, finetune  # noqa: E402
 from onnxprune.graph import load_model  # noqa: E402
 from onnxprune.torch_exec import OnnxModule  # noqa: E402
 
@@ -137,11 +137,27 @@ def test_finetune_reinsert_writes_the_same_graph_and_improves(tmp_path):
     assert folded.normalization == "folded" and folded.renormalized == 0
 
 
-def test_auto_normalization_depends_on_batch_size(folded):
+def test_auto_normalization_depends_on_batch_size_and_is_measured(folded):
     x, y = task(128, seed=5)
     small = finetune(folded, x, y, val_x=x[:32], val_y=y[:32], options=FinetuneOptions(lr=0.01, batch_size=8, device="cpu"))
+    assert small.normalization == "folded" and small.normalization_pilot == ()
     big = finetune(folded, x, y, val_x=x[:32], val_y=y[:32], options=FinetuneOptions(lr=0.01, batch_size=32, device="cpu"))
-    assert small.normalization == "folded" and big.normalization == "reinsert"
+    (k1, v1), (k2, v2) = big.normalization_pilot  # one short run of each at the lr, scored on validation
+    assert (k1, k2) == ("reinsert", "folded") and v1 is not None and v2 is not None
+    assert big.normalization == ("reinsert" if choose_reinsert(v1, v2, big.metric, 32) else "folded")
+    blind = finetune(folded, x, y, options=FinetuneOptions(lr=0.01, batch_size=32, device="cpu", holdout=0))
+    assert blind.normalization == "reinsert" and blind.normalization_pilot == ()  # no validation data: nothing to measure on
+    fixed = finetune(folded, x, y, val_x=x[:32], val_y=y[:32], options=FinetuneOptions(lr=0.01, batch_size=32, device="cpu", normalization="reinsert"))
+    assert fixed.normalization == "reinsert" and fixed.normalization_pilot == ()
+
+
+def test_normalization_choice_keeps_reinsertion_unless_folded_is_clearly_better():
+    assert choose_reinsert(0.80, 0.87, "top1", 600) is False  # the collapsed MobileNetV2: folded +7 points
+    assert choose_reinsert(0.923, 0.920, "top1", 600) is True  # the recovered ResNet-20: within noise, re-insert
+    assert choose_reinsert(0.90, 0.91, "top1", 600) is True  # +1 point < one standard error (1.2 points at n=600)
+    assert choose_reinsert(0.90, 0.91, "top1", 20000) is False  # the same gap on 20k samples is clear
+    assert choose_reinsert(None, 0.5, "top1", 600) is False and choose_reinsert(0.5, None, "top1", 600) is True  # a diverged run loses
+    assert choose_reinsert(1.0, 0.99, "teacher_mse", 600) is True and choose_reinsert(1.0, 0.9, "teacher_mse", 600) is False
 
 
 def test_lr_pilot_chooses_by_validation_and_never_a_diverging_candidate(tmp_path):
