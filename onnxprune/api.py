@@ -281,6 +281,7 @@ def allocate_plan(
         progress=lambda d, t: progress("sensitivity", d, t),
     )
     fn = allocate.by_threshold if strategy == "sensitivity" else allocate.cost_aware
+    extra: dict = {}
     if cost is not None:
         alloc = strategy_fn(cg, scores, strategy, run.curves, cost)(_first_ask(cg, scores, options, cost))
     else:
