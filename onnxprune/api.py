@@ -379,6 +379,20 @@ def mac_latency_detail(cg: ChannelGraph, mask: np.ndarray, pruned: onnx.ModelPro
     return out
 
 
+def unrounded_latency(cg: ChannelGraph, mask: np.ndarray, unrounded: np.ndarray, measured: Mapping, options: PruneOptions) -> dict:
+    """``--measure-latency``: the unrounded plan's measured cut beside the rounded plan's (one more
+    interleaved original/pruned measurement, same settings)."""
+    from .latency import measure_pair, model_feeds
+    from .latency_table import resolve_settings
+
+    if np.array_equal(mask, unrounded):
+        return {"rounded_cut": measured["measured_cut"], "unrounded_cut": measured["measured_cut"], "same_plan": True}
+    settings = resolve_settings(options.latency_device or options.device, batch=options.latency_batch, threads=options.latency_threads)
+    m = measure_pair(cg.model, apply_mask(cg, unrounded), settings, model_feeds(cg, settings.batch), rounds=options.latency_repeats,
+                     max_spread=options.latency_max_spread)
+    return {"rounded_cut": measured["measured_cut"], "unrounded_cut": m.cut, "unrounded_ms": 1e3 * m.b, "original_ms": 1e3 * m.a, "same_plan": False}
+
+
 def rounding_setup(cg: ChannelGraph, options: PruneOptions, progress: StageProgress):
     """``--round-to measured`` with a MAC target: (:class:`~onnxprune.rounding.AutoRounding`, None), or
     (None, note) when latency cannot be measured here (then the global multiple, as before)."""
@@ -418,7 +432,11 @@ def _mac_allocation(cg: ChannelGraph, candidates: list[int], rounding, run) -> t
     """``run(round_to, cost)`` at today's global multiples, or on the measured per-group levels of
     ``rounding`` plus the unrounded (round-to 1) plan from the same data, in ``detail["unrounded_allocation"]``."""
     if rounding is None:
-        return _with_rounding(candidates, lambda r: run(r, None)), {}
+        alloc = _with_rounding(candidates, lambda r: run(r, None))
+        if len(candidates) > 1 and alloc.detail.get("round_to", 1) > 1:
+            # --round-to auto: what the global multiple costs, from the unrounded plan of the same data
+            return alloc, {"unrounded_allocation": run(1, None)}
+        return alloc, {}
     from .rounding import allocate_rounded
 
     alloc = allocate_rounded(rounding, cg, lambda cost: run(1, cost))
@@ -568,11 +586,13 @@ def prune(
         if lat is not None:
             alloc, detail["latency"] = latency_loop(cg, scores, options, lat, curves, evaluator is not None, progress)
         mask = allocate.MaskBuilder(cg, scores).mask(alloc.keep)
-        if rounding is not None and unrounded is not None:
-            from .rounding import rounding_detail
+        if unrounded is not None:
+            from .rounding import global_rounding_detail, rounding_detail
 
             mask_unrounded = allocate.MaskBuilder(cg, scores).mask(unrounded.keep)
-            detail["rounding"] = rounding_detail(rounding, cg, mask, mask_unrounded)
+            fallback = detail.get("rounding") or {}  # --round-to measured that fell back keeps its note
+            detail["rounding"] = (rounding_detail(rounding, cg, mask, mask_unrounded) if rounding is not None
+                                  else {**global_rounding_detail(cg, mask, mask_unrounded, alloc.detail.get("round_to", 1)), **fallback})
         strategy = alloc.strategy
         detail.update(alloc.detail)
         the_plan = PruningPlan.from_mask(cg, mask)
@@ -589,6 +609,8 @@ def prune(
     if lat is None and (strategy != "plan" or options.measure_latency):
         t = time.perf_counter()
         detail.update(mac_latency_detail(cg, mask, pruned, options, 1 - after.total_macs / max(before.total_macs, 1)))
+        if options.measure_latency and mask_unrounded is not None and "latency" in detail:
+            detail["rounding"]["latency"] = unrounded_latency(cg, mask, mask_unrounded, detail["latency"], options)
         timings["latency"] = time.perf_counter() - t
     if evaluator is not None:
         t = time.perf_counter()

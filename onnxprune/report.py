@@ -112,22 +112,38 @@ class PruneReport:
 
 
 def rounding_lines(detail: Mapping[str, Any]) -> list[str]:
-    """What ``--round-to measured`` cost: the rounded vs the unrounded (round-to 1) plan from the same data."""
+    """What rounding cost (``--round-to auto`` or ``measured``): the rounded vs the unrounded
+    (round-to 1) plan from the same data, in MACs, accuracy (with data) and latency."""
     r = detail.get("rounding") or {}
-    if r.get("mode") == "fallback":
-        return [f"Note: {r['note']}"]
+    if r.get("mode") in ("fallback", "global"):
+        out = [f"Note: {r['note']}"] if r.get("note") else []
+        if "round_to" not in r:
+            return out
+        head = (f"Rounding cost (every group on multiples of {r['round_to']}; --round-to 1 for none): "
+                f"MACs -{r['reduction']:.1%} vs -{r['unrounded_reduction']:.1%} unrounded")
+        lat = r.get("latency") or {}
+        parts = [f"measured latency {-lat['rounded_cut']:+.1%} vs {-lat['unrounded_cut']:+.1%} unrounded"] if lat else []
+        acc = _rounding_accuracy(r)
+        parts += [acc] if acc else []
+        return out + [head] + (["  " + "; ".join(parts)] if parts else [])
     if r.get("mode") != "auto":
         return []
     head = (f"Rounding cost ({r['staircase_groups']} groups x{r['staircase_step']}, {r['smooth_groups']} any count): "
             f"MACs -{r['reduction']:.1%} vs -{r['unrounded_reduction']:.1%} unrounded")
     tail = f"  predicted {r['predicted_ms']:.3f} vs {r['unrounded_predicted_ms']:.3f} ms unrounded"
+    acc = _rounding_accuracy(r)
+    return [head, tail + (f"; {acc}" if acc else "")]
+
+
+def _rounding_accuracy(r: Mapping[str, Any]) -> str | None:
+    """``top1 after recovery 89.97% vs 90.41%`` from ``r["accuracy"]`` (with data), else None."""
     acc = r.get("accuracy") or {}
     key = "top1" if (acc.get("rounded") or {}).get("top1") is not None else "agreement"
     a, b = (acc.get("rounded") or {}).get(key), (acc.get("unrounded") or {}).get(key)
-    if a is not None and b is not None:
-        when = "after recovery" if acc["stage"] == "calibrated" else "pruned"
-        tail += f"; {key} {when} {100 * a:.2f}% vs {100 * b:.2f}%" + (" (same plan)" if acc.get("same_plan") else "")
-    return [head, tail]
+    if a is None or b is None:
+        return None
+    when = "after recovery" if acc["stage"] == "calibrated" else "pruned"
+    return f"{key} {when} {100 * a:.2f}% vs {100 * b:.2f}%" + (" (same plan)" if acc.get("same_plan") else "")
 
 
 def latency_lines(detail: Mapping[str, Any]) -> list[str]:

@@ -154,10 +154,16 @@ def test_prune_reports_rounding_cost_and_fallback(tmp_path):
     assert any(x.startswith("Note: --round-to measured could not measure latency") for x in res.report.summary_lines())
     step = res.report.round_to
     assert step > 1 and all(g.channels_after % step == 0 or g.channels_after == g.channels_before for g in res.report.groups)
-    # the default auto keeps the global multiple (halved where needed): no probing, no rounding detail
-    res = prune(ok, options=PruneOptions(target_flops=0.3), output=tmp_path / "d.onnx")
-    assert "rounding" not in res.report.detail and res.report.round_to in (16, 8, 4)
+    # the default auto keeps the global multiple (halved where needed), no probing, and states what it cost
+    before_cache = sorted(p.name for p in (tmp_path / "c").iterdir())
+    res = prune(ok, options=PruneOptions(target_flops=0.3, cache_dir=str(tmp_path / "c")), output=tmp_path / "d.onnx")
+    assert res.report.round_to in (16, 8, 4)
     assert all(g.channels_after % res.report.round_to == 0 or g.channels_after == g.channels_before for g in res.report.groups)
+    r = res.report.detail["rounding"]
+    assert r["mode"] == "global" and r["round_to"] == res.report.round_to and r["reduction"] == pytest.approx(res.report.reduction)
+    assert r["unrounded_reduction"] >= 0.3 and "accuracy" not in r and "latency" not in r  # no data, no --measure-latency
+    assert any(x.startswith(f"Rounding cost (every group on multiples of {r['round_to']}") for x in res.report.summary_lines())
+    assert not (tmp_path / "c" / "probe").exists() and sorted(p.name for p in (tmp_path / "c").iterdir()) == before_cache
     # explicit --round-to keeps its meaning: no probing, no rounding detail
     res = prune(ok, options=PruneOptions(target_flops=0.3, round_to=8), output=tmp_path / "e.onnx")
     assert "rounding" not in res.report.detail and res.report.round_to == 8
@@ -188,3 +194,22 @@ def test_cli_summary_states_rounding_cost(tmp_path):
     tail = r.stdout.splitlines()[r.stdout.splitlines().index(head) + 1]
     assert f"{d['predicted_ms']:.3f} vs {d['unrounded_predicted_ms']:.3f} ms" in tail and "top1 pruned" in tail
     assert max(len(head), len(tail)) <= 100
+
+
+def test_auto_rounding_states_accuracy_and_latency_of_the_unrounded_plan(tmp_path):
+    """--round-to auto with data and --measure-latency: the unrounded (round-to 1) plan from the same
+    sensitivity data is evaluated and timed beside the rounded one, and the summary says both."""
+    res = prune(DEMO, options=PruneOptions(target_flops=0.3, strategy="uniform", limit=300, calibrate=0, measure_latency=True,
+                                           latency_threads=1, latency_max_spread=100), data=str(VAL), write=False)
+    r = res.report.detail["rounding"]
+    assert r["mode"] == "global" and r["round_to"] == res.report.round_to > 1
+    acc = r["accuracy"]
+    assert acc["stage"] == "pruned" and acc["rounded"]["top1"] == pytest.approx(res.report.metrics["pruned"]["top1"])
+    if not acc["same_plan"]:
+        keep = r["unrounded_keep"]
+        assert any(n % r["round_to"] for n in keep.values())  # the unrounded plan really is off the multiple somewhere
+    lat = r["latency"]
+    assert lat["rounded_cut"] == pytest.approx(res.report.detail["latency"]["measured_cut"]) and -1 < lat["unrounded_cut"] < 1
+    lines = res.report.summary_lines()
+    head = next(k for k, x in enumerate(lines) if x.startswith("Rounding cost (every group on multiples of"))
+    assert "measured latency" in lines[head + 1] and "top1 pruned" in lines[head + 1] and "vs" in lines[head + 1]
