@@ -47,6 +47,7 @@ import onnx  # noqa: E402
 import onnxruntime  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks.provenance import write_atomic  # noqa: E402
 from models.detector import export_yolo  # noqa: E402
 from models.export import EXPORTERS, _quiet, export_onnx  # noqa: E402
 from models.zoo_extra import ALL, build  # noqa: E402
@@ -245,7 +246,7 @@ def main() -> None:
         "",
     ])
     out = args.out or ROOT / "benchmarks" / "results" / ("coverage.md" if args.simplify == "none" else f"coverage_{args.simplify}.md")
-    out.write_text(text)
+    write_atomic(out, text)
     print(f"\nwritten to {out}")
 
 

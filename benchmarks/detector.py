@@ -27,6 +27,7 @@ import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
 from benchmarks.coverage import provenance  # noqa: E402
+from benchmarks.provenance import write_atomic  # noqa: E402
 from models.detector import export_yolo, init_weights, yolo_detector  # noqa: E402
 from onnxprune.api import PruneOptions, prune  # noqa: E402
 from onnxprune.flops import count  # noqa: E402
@@ -91,7 +92,7 @@ def main() -> None:
         "",
     ])
     out = ROOT / "benchmarks" / "results" / "detector.md"
-    out.write_text(text)
+    write_atomic(out, text)
     print(text)
 
 

@@ -59,6 +59,7 @@ if str(ROOT) not in sys.path:
 
 import onnx  # noqa: E402
 
+from benchmarks import provenance  # noqa: E402
 from models.fashion_mnist import load_split  # noqa: E402
 from onnxprune.api import PruneOptions, prune  # noqa: E402
 from onnxprune.finetune import MAX_HOLDOUT, FinetuneOptions, _augment, choose_lr, finetune  # noqa: E402
@@ -462,9 +463,9 @@ def run_budget(args) -> None:
 
         def emit(final=False):
             out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(render(rows, meta, final))
+            provenance.write_atomic(out, render(rows, meta, final))
             if args.json:
-                args.json.write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=1))
+                provenance.write_atomic(args.json, json.dumps([dataclasses.asdict(r) for r in rows], indent=1))
 
         models = {}
         for name in cfg["models"]:

@@ -53,6 +53,7 @@ import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
 from benchmarks.equal_budget import _commit, load_budget_data  # noqa: E402
+from benchmarks import provenance  # noqa: E402
 from benchmarks.quality import DEMO, MODELS, macs_params, top1  # noqa: E402
 from onnxprune.api import PruneOptions, prune  # noqa: E402
 from onnxprune.errors import OnnxPruneError, TargetError  # noqa: E402
@@ -72,7 +73,7 @@ def test_top1(model, data) -> float:
 
 
 def common_options(args, cache: Path) -> dict:
-    return dict(strategy="sensitivity", device="cpu", latency_batch=args.batch, latency_threads=args.threads,
+    return dict(strategy=args.strategy, device="cpu", latency_batch=args.batch, latency_threads=args.threads,
                 latency_repeats=args.rounds, latency_max_spread=args.max_spread, cache_dir=str(cache))
 
 
@@ -218,10 +219,10 @@ def render(rows: list[dict], meta: dict) -> str:
         f"Versions: Python {platform.python_version()}, onnx {onnx.__version__}, ONNX Runtime {ort.__version__}, torch {meta['torch']}.",
         "",
         "Setup:",
-        f"- Latency-targeted: `--target-latency {a.target} --strategy sensitivity` (L1, reconstruction on `models/demo/fmnist_calib.npz`, "
+        f"- Latency-targeted: `--target-latency {a.target} --strategy {a.strategy}` (L1, reconstruction on `models/demo/fmnist_calib.npz`, "
         f"512 unlabeled training images). Timing everywhere: ONNX Runtime CPU, batch {a.batch}, {a.threads} intra-op thread(s), no spinning, "
         f"`--latency-repeats {a.rounds}`, `--latency-max-spread {a.max_spread}`.",
-        f"- MAC-targeted: `--target-flops t --strategy sensitivity --measure-latency`, same options; `t` matched **by measurement**: "
+        f"- MAC-targeted: `--target-flops t --strategy {a.strategy} --measure-latency`, same options; `t` matched **by measurement**: "
         f"secant search over at most {a.match_steps} prunes until the measured latency cut is within {100 * a.match_tol:.1f} points of "
         "the latency-targeted run's loop measurement; the closest is kept (`tried` lists t → measured cut).",
         f"- Final timing: original (O), latency-targeted (L) and MAC-targeted (M) interleaved in rotating order, {a.final_rounds} rounds, "
@@ -351,6 +352,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="vgg11,resnet20,mobilenetv2")
     ap.add_argument("--target", type=float, default=0.3)
+    ap.add_argument("--strategy", default="sensitivity", choices=["sensitivity", "cost-aware"], help="allocation of both runs")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1, help="ORT intra-op threads for every latency measurement")
     ap.add_argument("--rounds", type=int, default=21, help="--latency-repeats of every prune")
@@ -373,7 +375,7 @@ def main() -> None:
         out = Path(args.out)
         rows = json.loads(out.with_suffix(".json").read_text())
         text = out.read_text().split("\n## Where the two allocations differ")[0].rstrip("\n")
-        out.write_text(text + "\n\n" + "\n".join(group_analysis(rows, args)) + "\n")
+        provenance.write_atomic(out, text + "\n\n" + "\n".join(group_analysis(rows, args)) + "\n")
         print(out.read_text())
         return
     if args.from_head:
@@ -400,16 +402,16 @@ def main() -> None:
 
         def emit():
             meta["wall"] = time.perf_counter() - t0
-            out.write_text(render(rows, meta))
-            out.with_suffix(".json").write_text(json.dumps(rows, indent=1, default=str))
+            provenance.write_atomic(out, render(rows, meta))
+            provenance.write_atomic(out.with_suffix(".json"), json.dumps(rows, indent=1, default=str))
 
         for name in args.models.split(","):
             rows.append({"model": name})
             run_model(name, args, data, workdir, rows[-1], emit)
             emit()
     meta["load1"], meta["wall"] = os.getloadavg(), time.perf_counter() - t0
-    out.write_text(render(rows, meta))
-    out.with_suffix(".json").write_text(json.dumps(rows, indent=1, default=str))
+    provenance.write_atomic(out, render(rows, meta))
+    provenance.write_atomic(out.with_suffix(".json"), json.dumps(rows, indent=1, default=str))
     print(out.read_text())
 
 

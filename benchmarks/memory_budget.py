@@ -44,6 +44,10 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import provenance  # noqa: E402
 R20 = "models/demo/fmnist_resnet20.onnx"
 MBV2 = "models/demo/fmnist_mobilenetv2.onnx"
 VAL = "models/demo/fmnist_val.npz"
@@ -197,7 +201,7 @@ def main() -> None:
         "ONNX Runtime sessions and one chunk (chunks whose largest activation would pass 64 MiB get fewer samples and no ORT arena). "
         "A negative `peak - budget` means the run needed less than its budget.",
     ]
-    Path(args.out).write_text("\n".join(lines) + "\n")
+    provenance.write_atomic(args.out, "\n".join(lines) + "\n")
     print(Path(args.out).read_text())
 
 

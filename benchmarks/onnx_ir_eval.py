@@ -33,6 +33,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import provenance  # noqa: E402
 
 WORKER = r"""
 import json, sys, time
@@ -143,7 +147,7 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     out = ROOT / "benchmarks" / "results" / "onnx_ir_eval.md"
-    out.write_text(text)
+    provenance.write_atomic(out, text)
 
 
 if __name__ == "__main__":
