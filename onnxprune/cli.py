@@ -344,7 +344,7 @@ MEMORY_BUDGET_HELP = "MiB of activations kept for all samples (sensitivity cache
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--target-flops", type=float, help="Fraction of MACs to remove, 0 < R < 1 (0.3 = 30% fewer MACs). Required unless --plan decides.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Output model [default: MODEL.pruned.onnx].")
-@click.option("--strategy", type=click.Choice(["auto", "uniform", "sensitivity", "cost-aware"]), default="auto", show_default=True, help="auto = sensitivity with --data, uniform without.")
+@click.option("--strategy", type=click.Choice(["auto", "uniform", "sensitivity", "cost-aware"]), default="auto", show_default=True, help="auto = uniform without --data; with --data, sensitivity for --target-flops and cost-aware for --target-latency.")
 @click.option("--criterion", type=click.Choice(["l1", "l2", "fpgm", "bn", "random", "recon"]), default="l1", show_default=True, help="Channel importance. recon: keep the channels the next layers' outputs are best rebuilt from (needs --data or --calib-data).")
 @click.option("--round-to", default="auto", show_default=True, help="Kept channel counts are multiples of N; auto = the CPU's SIMD block (16 with AVX-512, else 8), halved where the target needs it; measured (experimental) = the block only for groups whose standalone layer times step at it, any count elsewhere, with the rounding cost in the summary. 1 = no rounding.")
 @click.option("--exclude", multiple=True, help="Node name or glob whose channels stay (repeatable).")

@@ -318,12 +318,13 @@ def test_latency_target_just_past_the_predicted_limit_is_measured_not_refused(tm
         assert lat["iterations"][0]["predicted_target"] == pytest.approx(limit, abs=1e-5)
 
 
-@pytest.mark.parametrize("strategy", ["sensitivity", "cost-aware"])
-def test_latency_target_with_data_driven_strategies(tmp_path, strategy):
+@pytest.mark.parametrize("strategy,resolved", [("sensitivity", "sensitivity"), ("cost-aware", "cost-aware"), ("auto", "cost-aware")])
+def test_latency_target_with_data_driven_strategies(tmp_path, strategy, resolved):
     """--target-latency with --strategy sensitivity / cost-aware: the curves drive the allocation at
-    each loop request (a regression: this path once crashed before allocating)."""
+    each loop request (a regression: this path once crashed before allocating); with data the
+    default strategy of a latency target is cost-aware (drop per saved millisecond)."""
     res = prune(DEMO, options=PruneOptions(target_latency=0.3, strategy=strategy, device="cpu", latency_threads=1, latency_max_spread=100,
                                            latency_tolerance=0.99, cache_dir=str(tmp_path), limit=64, grid=(0.25, 0.5), calibrate=32),
                 data=str(DEMO.parent / "fmnist_val.npz"), write=False)
-    assert res.report.strategy == strategy and res.report.detail["latency"]["iterations"]
+    assert res.report.strategy == resolved and res.report.detail["latency"]["iterations"]
     assert res.curves is not None and res.report.metrics["pruned"]["top1"] is not None
