@@ -165,7 +165,7 @@ def write(args, prov, rows, mac_rows, tables) -> None:
         "Measured cut: 1 - median over rounds of t(pruned)/t(original). Predicted error: predicted vs measured latency of the pruned model "
         "relative to the original, (1 - predicted cut) / (1 - measured cut) - 1, for the kept iteration (the prediction made before "
         "measuring it: the table model, with the bias measured by earlier iterations of the loop). "
-        "Iterations: closed-loop allocate-measure rounds (at most 4, tolerance 2 points). "
+        "Iterations: closed-loop allocate-measure rounds (at most 6, tolerance 2 points). "
         f"OK: measured cut within ±{100 * TOL_POINTS:.0f} points of the target.",
         "",
         "| model | size | batch | target | orig ms | pruned ms | measured cut | MACs cut | predicted error | iterations | within ±3 | run s |",

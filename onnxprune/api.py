@@ -84,7 +84,7 @@ class PruneOptions:
     latency_batch: int = 1
     latency_threads: int | None = None  # None: every core this process may use (stated in the report)
     latency_tolerance: float = 0.02  # closed loop: measured cut within this of the target
-    latency_iterations: int = 4  # closed loop: at most this many allocate-measure rounds
+    latency_iterations: int = 6  # closed loop: at most this many allocate-measure rounds
     latency_repeats: int = 15  # interleaved rounds per end-to-end measurement
     latency_max_spread: float = 0.2  # refuse measurements whose IQR/median is above this
     measure_latency: bool = False  # MAC targets: also measure latency before/after

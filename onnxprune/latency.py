@@ -59,7 +59,7 @@ log = logging.getLogger(__name__)
 USEFUL_EPS = 0.001  # a step must save more than this share of the model's time to be a level
 DEFAULT_MAX_SPREAD = 0.2
 DEFAULT_TOLERANCE = 0.02
-DEFAULT_ITERATIONS = 4
+DEFAULT_ITERATIONS = 6
 DEFAULT_ROUNDS = 15
 
 
