@@ -558,7 +558,12 @@ def _pilot_normalization(torch, model, train_x, train_y, val_x, val_y, teacher, 
     scores = (("reinsert", with_bn), ("folded", folded))
     log.info("fine-tuning normalization pilot at lr %g: %s", lr, scores)
     emit({"kind": "normalization_pilot", "lr": lr, "scores": scores, "metric": metric})
-    return choose_reinsert(with_bn, folded, metric, len(piece[2])), scores
+    renorm = choose_reinsert(with_bn, folded, metric, len(piece[2]))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():  # every rank trains with rank 0's choice
+        t = torch.tensor([float(renorm)], dtype=torch.float64, device=resolve_device(opts.device))
+        torch.distributed.broadcast(t, 0)
+        renorm = bool(t.item())
+    return renorm, scores
 
 
 def choose_reinsert(with_bn: float | None, folded: float | None, metric: str | None, n_val: int) -> bool:
