@@ -38,9 +38,9 @@ reconstructed one):
   at least 16 and validation data; else it re-inserts from batch 16 on): one
   more pilot run trains the folded graph at the chosen lr, and folded is kept
   only when it beats re-insertion by more than one standard error on
-  validation (:func:`_pilot_normalization`). Measured: re-insertion +0.54
+  validation (:func:`_pilot_normalization`). Measured: re-insertion +0.36
   points test top-1 on the Fashion-MNIST ResNet-20 at -30% MACs (1 epoch, 10k
-  images, ``benchmarks/results/quality_equal_budget_reduced.md``), but -8
+  images, mean of 3 seeds, ``benchmarks/results/quality_equal_budget_reduced.md``), but -8
   points on a MobileNetV2 pruned by 30% with no recovery (collapsed start).
 
 Training: SGD with momentum or AdamW, weight decay 5e-4 on Conv/Gemm/MatMul
@@ -541,7 +541,7 @@ def _pilot_normalization(torch, model, train_x, train_y, val_x, val_y, teacher, 
     run (as for the lr) with BatchNorm re-inserted and one with the folded graph, both at ``lr``
     (the lr pilot's run is reused when it ran at ``lr``), scored on validation. Folded wins only
     when it is better by more than one standard error (:func:`choose_lr`'s noise bound): re-insertion
-    measured +0.54 points on the Fashion-MNIST ResNet-20 at -30% (module docstring), but -8 points
+    measured +0.36 points on the Fashion-MNIST ResNet-20 at -30% (module docstring), but -8 points
     on a MobileNetV2 pruned by 30% without recovery, whose start had collapsed (88.3% folded vs
     80.4% re-inserted after 2 epochs on 5,400 images). Returns ``(renorm, (("reinsert", val), ("folded", val)))``."""
     from .torch_exec import OnnxModule
