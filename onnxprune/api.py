@@ -252,19 +252,22 @@ def allocate_plan(
     progress: StageProgress,
     calibrator=None,
     cost: allocate.CostModel | None = None,
+    latency_limit: float = 1.0,
     rounding=None,
 ) -> tuple[allocate.Allocation, dict]:
     """Run the chosen strategy; returns the allocation and extra report details.
 
     With ``cost`` (a latency cost) the target is ``options.target_latency`` as a cut of the cost,
     the counts are the cost's levels (no ``round_to`` candidates), and ``detail["sensitivity_curves"]``
-    lets :func:`strategy_fn` re-run the allocation for other targets (the closed loop). With
+    lets :func:`strategy_fn` re-run the allocation for other targets (the closed loop); a target just
+    past ``latency_limit`` (the largest predicted cut, :func:`latency_setup`) asks for that limit. With
     ``rounding`` (``--round-to measured``, MAC target) the counts are its measured per-group levels."""
     strategy = resolved_strategy(options, evaluator is not None)
     candidates = round_to_candidates(options.round_to)
+    first_ask = None if cost is None else min(options.target_latency, latency_limit - 1e-6)
     if strategy == "uniform":
         if cost is not None:
-            return strategy_fn(cg, scores, strategy, None, cost)(_first_ask(cg, scores, options, cost)), {"sensitivity_curves": None}
+            return strategy_fn(cg, scores, strategy, None, cost)(first_ask), {"sensitivity_curves": None}
         return _mac_allocation(cg, candidates, rounding, lambda r, c: allocate.uniform(cg, scores, target=options.target_flops, round_to=r, cost=c))
     if evaluator is None:
         raise UsageError(f"--strategy {strategy} measures accuracy and needs data", fix="pass --data DATA or use --strategy uniform")
@@ -283,7 +286,7 @@ def allocate_plan(
     fn = allocate.by_threshold if strategy == "sensitivity" else allocate.cost_aware
     extra: dict = {}
     if cost is not None:
-        alloc = strategy_fn(cg, scores, strategy, run.curves, cost)(_first_ask(cg, scores, options, cost))
+        alloc = strategy_fn(cg, scores, strategy, run.curves, cost)(first_ask)
     else:
         alloc, extra = _mac_allocation(cg, candidates, rounding, lambda r, c: fn(cg, scores, run.curves, target=options.target_flops, round_to=r, cost=c))
     detail = {
@@ -295,12 +298,6 @@ def allocate_plan(
         "sensitivity_curves": run.curves,  # prune() moves it to PruneResult.curves (not into the report)
     }
     return alloc, detail
-
-
-def _first_ask(cg: ChannelGraph, scores: np.ndarray, options: PruneOptions, cost: allocate.CostModel) -> float:
-    """The latency target, or the predicted limit when the target lies just past it (see :func:`latency_setup`)."""
-    limit = allocate.check_reachable(cg, scores, target=1e-6, round_to=1, cost=cost)
-    return min(options.target_latency, limit - 1e-6)
 
 
 def resolved_strategy(options: PruneOptions, has_data: bool) -> str:
@@ -324,12 +321,19 @@ def strategy_fn(cg: ChannelGraph, scores: np.ndarray, strategy: str, curves, cos
     return lambda t: fn(cg, scores, curves, target=t, cost=cost)
 
 
+def latency_settings(options: PruneOptions):
+    """The :class:`~onnxprune.latency_table.LatencySettings` of ``--latency-device`` (else ``--device``),
+    ``--latency-batch`` and ``--latency-threads``."""
+    from .latency_table import resolve_settings
+
+    return resolve_settings(options.latency_device or options.device, batch=options.latency_batch, threads=options.latency_threads)
+
+
 def latency_setup(cg: ChannelGraph, scores: np.ndarray, options: PruneOptions, progress: StageProgress):
     """(latency model, cost, largest reachable predicted cut) for ``options.target_latency``; TargetError when unreachable."""
     from .latency import LatencyCost, build_latency_model
-    from .latency_table import resolve_settings
 
-    settings = resolve_settings(options.latency_device or options.device, batch=options.latency_batch, threads=options.latency_threads)
+    settings = latency_settings(options)
     lm = build_latency_model(cg, settings, cache_dir=options.cache_dir, rounds=options.latency_repeats, max_spread=options.latency_max_spread,
                              progress=lambda d, t: progress("latency table", d, t))
     # an explicit --round-to N restricts the levels to multiples of N; auto keeps the table's own step
@@ -367,11 +371,10 @@ def mac_latency_detail(cg: ChannelGraph, mask: np.ndarray, pruned: onnx.ModelPro
     (suggesting --target-latency) when the cut will not, or did not, make the model as much faster."""
     from .latency import measure_pair, model_feeds
     from .latency_loop import mac_cut_warning, measured_mac_note
-    from .latency_table import resolve_settings
 
     out: dict = {}
     if options.measure_latency:
-        settings = resolve_settings(options.latency_device or options.device, batch=options.latency_batch, threads=options.latency_threads)
+        settings = latency_settings(options)
         m = measure_pair(cg.model, pruned, settings, model_feeds(cg, settings.batch), rounds=options.latency_repeats, max_spread=options.latency_max_spread)
         out["latency"] = {"target": None, "settings": settings.describe(), "original_ms": 1e3 * m.a, "pruned_ms": 1e3 * m.b,
                           "measured_cut": m.cut, "spread": m.spread, "rounds": m.rounds, "macs_cut": macs_cut}
@@ -389,11 +392,10 @@ def unrounded_latency(cg: ChannelGraph, mask: np.ndarray, unrounded: np.ndarray,
     """``--measure-latency``: the unrounded plan's measured cut beside the rounded plan's (one more
     interleaved original/pruned measurement, same settings)."""
     from .latency import measure_pair, model_feeds
-    from .latency_table import resolve_settings
 
     if np.array_equal(mask, unrounded):
         return {"rounded_cut": measured["measured_cut"], "unrounded_cut": measured["measured_cut"], "same_plan": True}
-    settings = resolve_settings(options.latency_device or options.device, batch=options.latency_batch, threads=options.latency_threads)
+    settings = latency_settings(options)
     m = measure_pair(cg.model, apply_mask(cg, unrounded), settings, model_feeds(cg, settings.batch), rounds=options.latency_repeats,
                      max_spread=options.latency_max_spread)
     return {"rounded_cut": measured["measured_cut"], "unrounded_cut": m.cut, "unrounded_ms": 1e3 * m.b, "original_ms": 1e3 * m.a, "same_plan": False}
@@ -403,11 +405,10 @@ def rounding_setup(cg: ChannelGraph, options: PruneOptions, progress: StageProgr
     """``--round-to measured`` with a MAC target: (:class:`~onnxprune.rounding.AutoRounding`, None), or
     (None, note) when latency cannot be measured here (then the global multiple, as before)."""
     from .errors import OnnxPruneError
-    from .latency_table import resolve_settings
     from .rounding import rounding_setup as setup
 
     try:
-        settings = resolve_settings(options.latency_device or options.device, batch=options.latency_batch, threads=options.latency_threads)
+        settings = latency_settings(options)
         return setup(cg, settings, cache_dir=rounding_cache_dir(options.cache_dir), progress=progress), None
     except OnnxPruneError as exc:
         note = (f"--round-to measured could not measure latency here ({exc}); every group was rounded to multiples of "
@@ -584,18 +585,20 @@ def prune(
         cache = cache_file(options.cache_dir, model_path, variant) if evaluator is not None and options.strategy != "uniform" else None
         alloc, found = allocate_plan(
             cg, scores, options, evaluator=evaluator, cache=cache, progress=progress,
-            calibrator=calibrator if options.calibrated_sensitivity else None, cost=lat[1] if lat else None, rounding=rounding,
+            calibrator=calibrator if options.calibrated_sensitivity else None, cost=lat[1] if lat else None,
+            latency_limit=lat[2] if lat else 1.0, rounding=rounding,
         )
         detail.update(found)
         curves = detail.pop("sensitivity_curves", None)
         unrounded = detail.pop("unrounded_allocation", None)
         if lat is not None:
             alloc, detail["latency"] = latency_loop(cg, scores, options, lat, curves, evaluator is not None, progress)
-        mask = allocate.MaskBuilder(cg, scores).mask(alloc.keep)
+        builder = allocate.MaskBuilder(cg, scores)
+        mask = builder.mask(alloc.keep)
         if unrounded is not None:
             from .rounding import global_rounding_detail, rounding_detail
 
-            mask_unrounded = allocate.MaskBuilder(cg, scores).mask(unrounded.keep)
+            mask_unrounded = builder.mask(unrounded.keep)
             fallback = detail.get("rounding") or {}  # --round-to measured that fell back keeps its note
             detail["rounding"] = (rounding_detail(rounding, cg, mask, mask_unrounded) if rounding is not None
                                   else {**global_rounding_detail(cg, mask, mask_unrounded, alloc.detail.get("round_to", 1)), **fallback})
