@@ -388,17 +388,43 @@ def mac_latency_detail(cg: ChannelGraph, mask: np.ndarray, pruned: onnx.ModelPro
     return out
 
 
-def unrounded_latency(cg: ChannelGraph, mask: np.ndarray, unrounded: np.ndarray, measured: Mapping, options: PruneOptions) -> dict:
-    """``--measure-latency``: the unrounded plan's measured cut beside the rounded plan's (one more
-    interleaved original/pruned measurement, same settings)."""
+def unrounded_latency(cg: ChannelGraph, mask: np.ndarray, unrounded: np.ndarray, pruned: onnx.ModelProto, measured: Mapping,
+                      options: PruneOptions) -> dict:
+    """``--measure-latency``: the unrounded plan timed against the rounded one (interleaved rounds,
+    same settings), so their ratio is measured directly rather than from two separate cuts; the
+    unrounded plan's cut of the original is the rounded cut scaled by that ratio."""
     from .latency import measure_pair, model_feeds
 
     if np.array_equal(mask, unrounded):
         return {"rounded_cut": measured["measured_cut"], "unrounded_cut": measured["measured_cut"], "same_plan": True}
     settings = latency_settings(options)
-    m = measure_pair(cg.model, apply_mask(cg, unrounded), settings, model_feeds(cg, settings.batch), rounds=options.latency_repeats,
+    m = measure_pair(pruned, apply_mask(cg, unrounded), settings, model_feeds(cg, settings.batch), rounds=options.latency_repeats,
                      max_spread=options.latency_max_spread)
-    return {"rounded_cut": measured["measured_cut"], "unrounded_cut": m.cut, "unrounded_ms": 1e3 * m.b, "original_ms": 1e3 * m.a, "same_plan": False}
+    rounded_ms = measured["pruned_ms"]
+    return {"rounded_cut": measured["measured_cut"], "unrounded_cut": 1 - (1 - measured["measured_cut"]) * m.ratio,
+            "unrounded_vs_rounded": m.ratio - 1, "spread": m.spread, "rounded_ms": rounded_ms, "unrounded_ms": rounded_ms * m.ratio,
+            "original_ms": measured["original_ms"], "same_plan": False}
+
+
+def rounding_verdict(r: Mapping, tolerance: float) -> tuple[bool, str] | None:
+    """``--round-to auto --measure-latency``: ``(keep_unrounded, why)``, or None when the unrounded
+    plan was not timed against the rounded one. The multiple stays unless the unrounded plan measured
+    at most ``tolerance`` slower than the rounded one and, when both were evaluated, it is at least
+    as accurate: a multiple that buys no measured speed only costs accuracy and MAC precision."""
+    lat = r.get("latency") or {}
+    if r.get("mode") != "global" or "unrounded_vs_rounded" not in lat:
+        return None
+    slower, m = lat["unrounded_vs_rounded"], r["round_to"]
+    speed = f"the unrounded plan measured {abs(slower):.1%} {'slower' if slower > 0 else 'faster'} than multiples of {m}"
+    if slower > tolerance:
+        return False, f"kept multiples of {m}: {speed} (more than --latency-tolerance {tolerance:.0%})"
+    acc = r.get("accuracy") or {}
+    key = "top1" if (acc.get("rounded") or {}).get("top1") is not None else "agreement"
+    a, b = (acc.get("rounded") or {}).get(key), (acc.get("unrounded") or {}).get(key)
+    if a is not None and b is not None and b < a:
+        return False, f"kept multiples of {m}: {speed} (within --latency-tolerance {tolerance:.0%}) but its {key} is lower ({100 * b:.2f}% vs {100 * a:.2f}%)"
+    tail = f", and its {key} is not lower ({100 * b:.2f}% vs {100 * a:.2f}%)" if a is not None and b is not None else ""
+    return True, f"rounding bought no measured speed, so the unrounded plan is kept: {speed} (within --latency-tolerance {tolerance:.0%}){tail}"
 
 
 def rounding_setup(cg: ChannelGraph, options: PruneOptions, progress: StageProgress):
@@ -619,7 +645,7 @@ def prune(
         t = time.perf_counter()
         detail.update(mac_latency_detail(cg, mask, pruned, options, 1 - after.total_macs / max(before.total_macs, 1)))
         if options.measure_latency and mask_unrounded is not None and "latency" in detail:
-            detail["rounding"]["latency"] = unrounded_latency(cg, mask, mask_unrounded, detail["latency"], options)
+            detail["rounding"]["latency"] = unrounded_latency(cg, mask, mask_unrounded, pruned, detail["latency"], options)
         timings["latency"] = time.perf_counter() - t
     if evaluator is not None:
         t = time.perf_counter()
@@ -634,10 +660,45 @@ def prune(
         timings["calibrate"] = time.perf_counter() - t
         if evaluator is not None:
             metrics["calibrated"] = evaluator.evaluate(pruned).to_dict()
+    unrounded_recovery = None
     if mask_unrounded is not None and evaluator is not None:  # what rounding cost in accuracy: one more evaluation
         t = time.perf_counter()
-        detail["rounding"]["accuracy"] = unrounded_metrics(cg, mask, mask_unrounded, metrics, evaluator, calibrator, options)
+        detail["rounding"]["accuracy"], unrounded_recovery = unrounded_metrics(cg, mask, mask_unrounded, metrics, evaluator, calibrator, options)
         timings["rounding_evaluate"] = time.perf_counter() - t
+    verdict = rounding_verdict(detail["rounding"], options.latency_tolerance) if mask_unrounded is not None and options.round_to == "auto" else None
+    if verdict:
+        detail["rounding"]["chosen"], detail["rounding"]["verdict"] = ("unrounded" if verdict[0] else "rounded"), verdict[1]
+    if verdict and verdict[0]:
+        # the multiple bought no measured speed: the unrounded plan from the same data is written instead
+        log.info("--round-to auto: %s", verdict[1])
+        t = time.perf_counter()
+        mask, unpruned = mask_unrounded, apply_mask(cg, mask_unrounded)
+        after = count(unpruned, input_shapes=inputs.shapes)
+        the_plan = PruningPlan.from_mask(cg, mask)
+        r = detail["rounding"]
+        detail["round_to"] = 1
+        detail.update({k: v for k, v in unrounded.detail.items() if k != "round_to"})
+        timed = r["latency"]
+        detail["latency"].update(pruned_ms=timed["unrounded_ms"], measured_cut=timed["unrounded_cut"], macs_cut=1 - after.total_macs / max(before.total_macs, 1))
+        from .latency_loop import measured_mac_note
+
+        detail.pop("latency_note", None)
+        note = measured_mac_note(timed["unrounded_cut"], detail["latency"]["macs_cut"])
+        if note:
+            detail["latency_note"] = note
+        pruned = unpruned
+        if evaluator is not None:
+            acc = r["accuracy"]
+            metrics["pruned"] = acc["unrounded"] if acc["stage"] == "pruned" else evaluator.evaluate(unpruned).to_dict()
+        if unrounded_recovery is not None:
+            pruned = unrounded_recovery.model
+            detail["calibration"].update(summary=unrounded_recovery.summary(), samples=unrounded_recovery.samples, seconds=unrounded_recovery.seconds)
+            metrics["calibrated"] = r["accuracy"]["unrounded"]
+        elif calibrator is not None:  # recovery without data to compare on: recover the unrounded plan now
+            res = calibrator.calibrate(mask, unpruned, method=options.calibrate_method)
+            pruned = res.model
+            detail["calibration"].update(summary=res.summary(), samples=res.samples, seconds=res.seconds)
+        timings["rounding_switch"] = time.perf_counter() - t
     if train is not None:
         t = time.perf_counter()
         pruned, detail["finetune"] = _finetune_stage(pruned, cg.model if distill else None, train, finetune_options, progress)
@@ -677,16 +738,18 @@ def prune(
 
 
 def unrounded_metrics(cg: ChannelGraph, mask: np.ndarray, unrounded: np.ndarray, metrics: Mapping[str, dict], evaluator: Evaluator, calibrator,
-                      options: PruneOptions) -> dict:
+                      options: PruneOptions) -> tuple[dict, object]:
     """Metrics of the unrounded plan at the last stage before fine-tuning (after recovery when there
-    is one), beside the rounded plan's: ``{"stage", "rounded", "unrounded"}``."""
+    is one), beside the rounded plan's: ``({"stage", "rounded", "unrounded"}, recovery)`` where
+    ``recovery`` is the unrounded plan's calibration result (None without recovery or when the plans are one)."""
     stage = "calibrated" if calibrator is not None and "calibrated" in metrics else "pruned"
     if np.array_equal(mask, unrounded):
-        return {"stage": stage, "rounded": dict(metrics[stage]), "unrounded": dict(metrics[stage]), "same_plan": True}
-    model = apply_mask(cg, unrounded)
+        return {"stage": stage, "rounded": dict(metrics[stage]), "unrounded": dict(metrics[stage]), "same_plan": True}, None
+    model, res = apply_mask(cg, unrounded), None
     if stage == "calibrated":
-        model = calibrator.calibrate(unrounded, model, method=options.calibrate_method).model
-    return {"stage": stage, "rounded": dict(metrics[stage]), "unrounded": evaluator.evaluate(model).to_dict(), "same_plan": False}
+        res = calibrator.calibrate(unrounded, model, method=options.calibrate_method)
+        model = res.model
+    return {"stage": stage, "rounded": dict(metrics[stage]), "unrounded": evaluator.evaluate(model).to_dict(), "same_plan": False}, res
 
 
 def _finetune_stage(pruned, teacher, train, options, progress: StageProgress):

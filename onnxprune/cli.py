@@ -322,11 +322,11 @@ def latency_options(fn):
         click.option("--latency-batch", type=int, default=1, show_default=True, help="Batch size latency is measured at."),
         click.option("--latency-threads", type=int, help="ONNX Runtime intra-op threads for latency [default: every core this process may use]."),
         click.option("--latency-device", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]), help="Provider latency is measured on [default: --device]."),
-        click.option("--latency-tolerance", type=float, default=0.02, show_default=True, help="Closed loop: re-allocate while the measured cut misses the target by more than this."),
+        click.option("--latency-tolerance", type=float, default=0.02, show_default=True, help="Closed loop: re-allocate while the measured cut misses the target by more than this. --round-to auto --measure-latency: the multiple must be faster than the unrounded plan by more than this."),
         click.option("--latency-iterations", type=int, default=6, show_default=True, help="Closed loop: at most N allocate-measure rounds."),
         click.option("--latency-repeats", type=int, default=15, show_default=True, help="Interleaved rounds per end-to-end latency measurement."),
         click.option("--latency-max-spread", type=float, default=0.2, show_default=True, help="Refuse latency measurements whose IQR/median is above this."),
-        click.option("--measure-latency", is_flag=True, help="With --target-flops: also measure latency before and after."),
+        click.option("--measure-latency", is_flag=True, help="With --target-flops: also measure latency before and after; with --round-to auto, time the unrounded plan against the rounded one and keep it when the multiple buys no measured speed."),
     ]
     for o in reversed(opts):
         fn = o(fn)

@@ -202,7 +202,8 @@ def measured_mac_note(latency_cut: float, macs_cut: float, *, ratio: float = 0.9
     """A note when the measured latency cut is below ``ratio`` x the MAC cut."""
     if macs_cut <= 0 or latency_cut >= ratio * macs_cut:
         return None
-    return (f"the measured latency fell {latency_cut:.1%} for {macs_cut:.1%} fewer MACs ({latency_cut / macs_cut:.2f} x): on this runtime "
+    moved = f"fell {latency_cut:.1%}" if latency_cut >= 0 else f"rose {-latency_cut:.1%}"
+    return (f"the measured latency {moved} for {macs_cut:.1%} fewer MACs ({latency_cut / macs_cut:.2f} x): on this runtime "
             f"the removed channels are not where the time is. Use --target-latency {macs_cut:.2f} to prune for time")
 
 

@@ -125,7 +125,10 @@ def rounding_lines(detail: Mapping[str, Any]) -> list[str]:
         parts = [f"measured latency {-lat['rounded_cut']:+.1%} vs {-lat['unrounded_cut']:+.1%} unrounded"] if lat else []
         acc = _rounding_accuracy(r)
         parts += [acc] if acc else []
-        return out + [head] + (["  " + "; ".join(parts)] if parts else [])
+        tail = ["  " + "; ".join(parts)] if parts else []
+        if r.get("verdict"):
+            tail.append(f"  {r['verdict'][0].upper()}{r['verdict'][1:]}")
+        return out + [head] + tail
     if r.get("mode") != "auto":
         return []
     head = (f"Rounding cost ({r['staircase_groups']} groups x{r['staircase_step']}, {r['smooth_groups']} any count): "
@@ -152,12 +155,12 @@ def latency_lines(detail: Mapping[str, Any]) -> list[str]:
     if lat:
         goal = f", target -{lat['target']:.1%}" if lat.get("target") is not None else f"; MACs -{lat['macs_cut']:.1%}"
         out.append(f"Latency (measured, {lat['settings']}): {lat['original_ms']:.3f} ms -> {lat['pruned_ms']:.3f} ms "
-                   f"(-{lat['measured_cut']:.1%}{goal}); spread {lat['spread']:.1%}")
+                   f"({-lat['measured_cut']:+.1%}{goal}); spread {lat['spread']:.1%}")
     if lat.get("target") is not None:
         out.append(f"Predicted {lat['predicted_ms']:.3f} ms (-{lat['predicted_cut']:.1%}), error {lat['error']:+.1%} vs measured")
         for it in lat.get("iterations", ()):
             mark = " <- kept" if it["index"] == lat.get("chosen_iteration") else ""
-            out.append(f"  loop {it['index']}: allocated for -{it['predicted_target']:.1%} predicted -> measured -{it['measured_cut']:.1%} "
+            out.append(f"  loop {it['index']}: allocated for -{it['predicted_target']:.1%} predicted -> measured {-it['measured_cut']:+.1%} "
                        f"({it['original_ms']:.3f} -> {it['measured_ms']:.3f} ms), predicted {it['predicted_ms']:.3f} ms ({it['error']:+.1%}), MACs -{it['macs_cut']:.1%}{mark}")
         if not lat.get("reached"):
             out.append(f"Latency target missed by more than {lat['tolerance']:.1%} after {len(lat.get('iterations', ()))} iterations "

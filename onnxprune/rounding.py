@@ -13,8 +13,13 @@ full graph (ORT inserts NCHWc reorders around it). Measured in
 ``benchmarks/results/latency.md`` at batch 1 on CIFAR ResNet-56 at -30% MACs:
 the global multiple cut latency 25.1% (0.84x the MAC cut); this per-group
 rounding, which let some groups off the block, only 8.6% (0.29x). On VGG-16:
-0.87x vs 0.76x at -30%, 0.89x vs 0.79x at -50%. Probing pairs of neighbouring layers, or the full model with one group
-changed, would see those reorders.
+0.87x vs 0.76x at -30%, 0.89x vs 0.79x at -50%. Timing the full model with one group
+changed does not rescue it: tried on ResNet-56 at batch 1 (30 groups, each about 3% of
+the time), four sessions of the *same* model differed by up to 5% in their fastest runs,
+so one group's step is lost in session-to-session noise. What can be measured reliably is
+a whole plan: ``--round-to auto --measure-latency`` times the unrounded plan against the
+rounded one and keeps the multiple only when it buys measured speed (see
+:func:`onnxprune.api.rounding_verdict`).
 
 **How a group is classified.** Each compute node that a group slices (its
 producers on the output axis, its consumers on the input axis, also where the

@@ -209,7 +209,61 @@ def test_auto_rounding_states_accuracy_and_latency_of_the_unrounded_plan(tmp_pat
         keep = r["unrounded_keep"]
         assert any(n % r["round_to"] for n in keep.values())  # the unrounded plan really is off the multiple somewhere
     lat = r["latency"]
-    assert lat["rounded_cut"] == pytest.approx(res.report.detail["latency"]["measured_cut"]) and -1 < lat["unrounded_cut"] < 1
+    kept = "unrounded_cut" if r["chosen"] == "unrounded" else "rounded_cut"  # a measured verdict, either way
+    assert lat[kept] == pytest.approx(res.report.detail["latency"]["measured_cut"]) and -1 < lat["unrounded_cut"] < 1
+    assert lat["unrounded_ms"] == pytest.approx(lat["rounded_ms"] * (1 + lat["unrounded_vs_rounded"]))
     lines = res.report.summary_lines()
     head = next(k for k, x in enumerate(lines) if x.startswith("Rounding cost (every group on multiples of"))
     assert "measured latency" in lines[head + 1] and "top1 pruned" in lines[head + 1] and "vs" in lines[head + 1]
+    assert lines[head + 2].strip().lower() == r["verdict"].lower() and "--latency-tolerance 2%" in r["verdict"]
+
+
+def _verdict_detail(slower, rounded_top1=None, unrounded_top1=None, mode="global"):
+    r = {"mode": mode, "round_to": 16, "latency": {"unrounded_vs_rounded": slower}}
+    if rounded_top1 is not None:
+        r["accuracy"] = {"stage": "calibrated", "rounded": {"top1": rounded_top1}, "unrounded": {"top1": unrounded_top1}}
+    return r
+
+
+@pytest.mark.parametrize("slower, acc, keep", [
+    (0.12, (0.90, 0.95), False),  # the multiple buys 12% of time: it stays, however accurate the unrounded plan
+    (0.01, (0.90, 0.95), True),  # no measured speed, better accuracy: unrounded
+    (-0.03, (0.90, 0.90), True),  # unrounded measured faster, accuracy equal: unrounded
+    (0.01, (0.92, 0.91), False),  # no measured speed, but the rounded plan is more accurate
+    (0.01, (None, None), True),  # no data: speed decides, and the finer plan is kept
+])
+def test_rounding_verdict_keeps_the_multiple_only_where_it_buys_measured_speed(slower, acc, keep):
+    from onnxprune.api import rounding_verdict
+
+    got = rounding_verdict(_verdict_detail(slower, *acc), 0.02)
+    assert got is not None and got[0] is keep
+    assert ("unrounded plan is kept" in got[1]) is keep and f"{abs(slower):.1%}" in got[1]
+    assert rounding_verdict(_verdict_detail(0.01, mode="auto"), 0.02) is None  # --round-to measured decides per group
+    assert rounding_verdict({"mode": "global", "round_to": 16}, 0.02) is None  # not timed: the multiple stays, no verdict
+
+
+def test_unrounded_plan_is_written_when_rounding_buys_no_speed(tmp_path):
+    """A tolerance so wide that any measurement counts as "no faster" forces the unrounded plan: the
+    model written, the groups, the MACs, the recovered metrics and the latency in the report are
+    all the unrounded plan's, and the model written really has that accuracy."""
+    out = tmp_path / "p.onnx"
+    res = prune(DEMO, options=PruneOptions(target_flops=0.3, strategy="uniform", limit=300, measure_latency=True, latency_threads=1,
+                                           latency_max_spread=100, latency_tolerance=0.99),
+                data=str(VAL), calib_data=str(VAL), output=out)
+    rep = res.report
+    r = rep.detail["rounding"]
+    assert r["mode"] == "global" and r["round_to"] > 1 and r["chosen"] == "unrounded" and not r["latency"]["same_plan"]
+    assert rep.round_to == 1 and rep.reduction == pytest.approx(r["unrounded_reduction"]) != pytest.approx(r["reduction"])
+    after = {g.id: g.channels_after for g in rep.groups}
+    assert {k: after[k] for k in r["unrounded_keep"]} == r["unrounded_keep"]
+    assert any(after[k] % r["round_to"] for k in r["unrounded_keep"])
+    assert rep.metrics["calibrated"] == r["accuracy"]["unrounded"] and rep.detail["latency"]["measured_cut"] == pytest.approx(r["latency"]["unrounded_cut"])
+    import onnxruntime as ort
+
+    from onnxprune.data import load_dataset
+
+    ds = load_dataset(str(VAL), limit=300)
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    logits = sess.run(None, {sess.get_inputs()[0].name: ds.x.astype(np.float32)})[0]
+    assert np.mean(logits.argmax(1) == ds.y) == pytest.approx(rep.metrics["calibrated"]["top1"])
+    assert any(line.startswith("  Rounding bought no measured speed") for line in rep.summary_lines())
