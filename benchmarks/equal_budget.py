@@ -101,6 +101,7 @@ class BRow:
     prune_s: float = 0.0
     ft_s: float = 0.0
     note: str = ""
+    latency_cut: float | None = None  # measured batch-1 ORT CPU latency cut of the final ONNX model vs the original
 
 
 # --------------------------------------------------------------------------- data
@@ -151,11 +152,26 @@ def onnxprune_run(name, path, original, data: BData, cache, *, target, epochs, s
     row.lr, row.pilot, row.best_epoch = ft.lr, [[lr, _pct(v)] for lr, v in ft.lr_pilot], ft.best_epoch
     row.normalization = f"{ft.normalization} ({ft.renormalized} convs)" if ft.renormalized else ft.normalization
     row.note = f"round_to {rt}" + (f"; {ft.note}" if ft.note else "")
+    row.latency_cut = latency_cut(original, ft.model, data.x_test)
     return row
 
 
 def _pct(v):
     return None if v is None else 100.0 * v
+
+
+def latency_cut(original: onnx.ModelProto, final: onnx.ModelProto, x: np.ndarray) -> float | None:
+    """Measured latency cut of ``final`` vs ``original`` (batch 1, ORT CPU, every core, interleaved
+    rounds): equal MACs are not equal speed (an unrounded plan can be slower than the original)."""
+    from onnxprune.latency import measure_pair
+    from onnxprune.latency_table import resolve_settings
+
+    try:
+        feeds = {original.graph.input[0].name: np.ascontiguousarray(x[:1], dtype=np.float32)}
+        return measure_pair(original, final, resolve_settings("cpu", batch=1), feeds, rounds=21, check=False).cut
+    except Exception as exc:  # noqa: BLE001 - a benchmark column, not a verdict
+        log.warning("latency not measured: %s", exc)
+        return None
 
 
 # --------------------------------------------------------------------------- Torch-Pruning side
@@ -331,6 +347,7 @@ def tp_run(name, tmodel, original, data: BData, workdir: Path, *, target, at, ep
     row.lr, row.pilot, row.normalization = lr, pilot, "BatchNorm layers (torch)"
     row.note = (f"pruning_ratio {ratio:.4g}, round_to {rt} (tp counter -{100 * tp_red:.1f}% MACs, asked -{100 * at:.1f}%)"
                 + (f"; not {', '.join(tried)}" if tried else ""))
+    row.latency_cut = latency_cut(original, out, data.x_test)
     return row
 
 
@@ -347,19 +364,23 @@ def _f(v, spec=".2f"):
 def render(rows: list[BRow], meta: dict, final: bool) -> str:
     base = meta["base"]
     lines = [f"# Equal-budget comparison on Fashion-MNIST: onnxprune default vs Torch-Pruning ({meta['budget']} budget)", ""]
+    if meta["budget"] == "full" and meta.get("subset"):
+        lines += [f"**A SUBSET of the full-budget comparison of issue #16**: {meta['budget_text']}. Rows with fewer than 3 seeds "
+                  "are not verdicts for the issue.", ""]
     if meta["budget"] != "full":
         lines += [f"**REDUCED BUDGET, not the full-budget comparison of issue #16**: {meta['budget_text']}. "
                   "The full mode is `python benchmarks/quality.py --budget full` (needs an idle machine).", ""]
     if not final:
         lines += ["**Partial results (run in progress or interrupted).**", ""]
-    lines += ["| model | target | epochs | seed | pipeline | MACs reduction | top-1 before FT | top-1 after FT | vs unpruned | "
+    lines += ["| model | target | epochs | seed | pipeline | MACs reduction | latency cut b1 | top-1 before FT | top-1 after FT | vs unpruned | "
               "val start → best | lr (pilot: lr → val) | best epoch | normalization | prune (s) | FT (s) | notes |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         pilot = ", ".join(f"{lr:g}→{_f(v)}" for lr, v in r.pilot) if r.pilot else "fixed"
         delta = None if r.after is None else r.after - base[r.model]
         lines.append(
-            f"| {r.model} | -{100 * r.target:.0f}% | {r.epochs} | {r.seed} | {r.pipeline} | -{100 * r.reduction:.1f}% | {_f(r.before)} | "
+            f"| {r.model} | -{100 * r.target:.0f}% | {r.epochs} | {r.seed} | {r.pipeline} | -{100 * r.reduction:.1f}% | "
+            f"{'—' if r.latency_cut is None else f'{-100 * r.latency_cut:+.1f}%'} | {_f(r.before)} | "
             f"{_f(r.after)} | {_f(delta, '+.2f')} | {_f(r.val_start)} → {_f(r.val_best)} | {_f(r.lr, 'g')} ({pilot}) | {r.best_epoch} | "
             f"{r.normalization or '—'} | {r.prune_s:.0f} | {r.ft_s:.0f} | {r.note} |")
     lines += ["", "Unpruned test top-1: " + ", ".join(f"{m} {v:.2f}" for m, v in base.items()) + ".", "", "## Verdicts (mean over seeds, test top-1)", ""]
@@ -399,8 +420,16 @@ def verdicts(rows: list[BRow]) -> list[str]:
         ok = "MET" if a >= b - TOLERANCE else "MISSED"
         out.append(f"- **{ok}** {m} -{100 * t:.0f}%, {e} epoch(s): {label} {a:.2f} (seeds {[r.seed for r in ox]}, -{100 * _mean([r.reduction for r in ox]):.1f}% MACs) "
                    f"vs Torch-Pruning {b:.2f} (seeds {[r.seed for r in tp]}, -{100 * _mean([r.reduction for r in tp]):.1f}% MACs): {a - b:+.2f} points "
-                   f"(goal >= -{TOLERANCE}){'' if len(ox) >= 3 else '; fewer than 3 seeds, not a verdict for issue #16'}.")
+                   f"(goal >= -{TOLERANCE}){'' if len(ox) >= 3 else '; fewer than 3 seeds, not a verdict for issue #16'}"
+                   + _latency_text(ox, tp) + ".")
     return out
+
+
+def _latency_text(ox: list[BRow], tp: list[BRow]) -> str:
+    a, b = [r.latency_cut for r in ox if r.latency_cut is not None], [r.latency_cut for r in tp if r.latency_cut is not None]
+    if not a or not b:
+        return ""
+    return f"; measured latency cut (batch 1) {-100 * _mean(a):+.1f}% vs {-100 * _mean(b):+.1f}%"
 
 
 def _commit() -> str:
@@ -433,16 +462,16 @@ def run_budget(args) -> None:
         cfg["train_n"] = args.budget_train_n or None
     out = args.out or (ROOT / "benchmarks" / "results" / f"quality_equal_budget_{args.budget}.md")
     abl = args.ablation or f"{cfg['models'][0]}:{cfg['targets'][0]}"
-    abl_model, abl_target = abl.split(":")[0], float(abl.split(":")[1])
+    abl_model, abl_target = (None, None) if abl == "none" else (abl.split(":")[0], float(abl.split(":")[1]))
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="onnxprune_budget_") as tmp:
         workdir = Path(tmp)
         data = load_budget_data(cfg["train_n"], args.val_n, workdir)
         train_text = f"{len(data.x_train):,} training images" + ("" if cfg["train_n"] is None else " (seeded random subset of the 55,000-image train split)")
         meta = {
-            "budget": args.budget, "t0": t0, "base": {},
+            "budget": args.budget, "t0": t0, "base": {}, "subset": any(cfg[k] != BUDGETS[args.budget][k] for k in cfg) or abl_model is None,
             "budget_text": f"{', '.join(cfg['models'])}; targets {cfg['targets']}; {train_text}; epochs {cfg['epochs']}; seeds {cfg['seeds']}; "
-                           f"ablation on {abl_model} -{100 * abl_target:.0f}%",
+                           + (f"ablation on {abl_model} -{100 * abl_target:.0f}%" if abl_model else "no ablation rows (--ablation none)"),
             "setup": {
                 "command": "`python benchmarks/quality.py " + " ".join(sys.argv[1:]) + "`",
                 "source": f"onnxprune commit {_commit()} (working tree at the start of the run)",

@@ -675,7 +675,7 @@ def parse(argv=None):
     g.add_argument("--seeds", nargs="+", type=int, default=None, help="budget mode: fine-tuning seeds")
     g.add_argument("--budget-epochs", nargs="+", type=int, default=None, help="budget mode: epoch counts")
     g.add_argument("--budget-train-n", type=int, default=None, help="budget mode: training images (0 = the whole train split)")
-    g.add_argument("--ablation", default=None, help="budget mode: MODEL:TARGET of the ablation rows [default: first model, first target]")
+    g.add_argument("--ablation", default=None, help="budget mode: MODEL:TARGET of the ablation rows, or none [default: first model, first target]")
     g.add_argument("--device", default="cpu", help="budget mode: torch device for both pipelines' training (cpu, cuda); ORT stays on CPU")
     args = p.parse_args(argv)
     if args.budget:
