@@ -397,9 +397,15 @@ def unrounded_latency(cg: ChannelGraph, mask: np.ndarray, unrounded: np.ndarray,
 
     if np.array_equal(mask, unrounded):
         return {"rounded_cut": measured["measured_cut"], "unrounded_cut": measured["measured_cut"], "same_plan": True}
+    from .latency_table import MeasurementError
+
     settings = latency_settings(options)
-    m = measure_pair(pruned, apply_mask(cg, unrounded), settings, model_feeds(cg, settings.batch), rounds=options.latency_repeats,
-                     max_spread=options.latency_max_spread)
+    try:
+        m = measure_pair(pruned, apply_mask(cg, unrounded), settings, model_feeds(cg, settings.batch), rounds=options.latency_repeats,
+                         max_spread=options.latency_max_spread)
+    except MeasurementError as exc:  # the rounded plan's own measurement passed: keep it, and say why there is no comparison
+        log.warning("the unrounded plan's latency was not compared: %s", exc)
+        return {"rounded_cut": measured["measured_cut"], "same_plan": False, "error": str(exc).split(". To fix")[0]}
     rounded_ms = measured["pruned_ms"]
     return {"rounded_cut": measured["measured_cut"], "unrounded_cut": 1 - (1 - measured["measured_cut"]) * m.ratio,
             "unrounded_vs_rounded": m.ratio - 1, "spread": m.spread, "rounded_ms": rounded_ms, "unrounded_ms": rounded_ms * m.ratio,
@@ -412,9 +418,12 @@ def rounding_verdict(r: Mapping, tolerance: float) -> tuple[bool, str] | None:
     at most ``tolerance`` slower than the rounded one and, when both were evaluated, it is at least
     as accurate: a multiple that buys no measured speed only costs accuracy and MAC precision."""
     lat = r.get("latency") or {}
-    if r.get("mode") != "global" or "unrounded_vs_rounded" not in lat:
+    if r.get("mode") != "global" or not lat or lat.get("same_plan"):
         return None
-    slower, m = lat["unrounded_vs_rounded"], r["round_to"]
+    m = r["round_to"]
+    if "error" in lat:
+        return False, f"kept multiples of {m}: the unrounded plan could not be compared ({lat['error']})"
+    slower = lat["unrounded_vs_rounded"]
     speed = f"the unrounded plan measured {abs(slower):.1%} {'slower' if slower > 0 else 'faster'} than multiples of {m}"
     if slower > tolerance:
         return False, f"kept multiples of {m}: {speed} (more than --latency-tolerance {tolerance:.0%})"

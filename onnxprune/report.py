@@ -122,7 +122,7 @@ def rounding_lines(detail: Mapping[str, Any]) -> list[str]:
         head = (f"Rounding cost (every group on multiples of {r['round_to']}; --round-to 1 for none): "
                 f"MACs -{r['reduction']:.1%} vs -{r['unrounded_reduction']:.1%} unrounded")
         lat = r.get("latency") or {}
-        parts = [f"measured latency {-lat['rounded_cut']:+.1%} vs {-lat['unrounded_cut']:+.1%} unrounded"] if lat else []
+        parts = [f"measured latency {-lat['rounded_cut']:+.1%} vs {-lat['unrounded_cut']:+.1%} unrounded"] if "unrounded_cut" in lat else []
         acc = _rounding_accuracy(r)
         parts += [acc] if acc else []
         tail = ["  " + "; ".join(parts)] if parts else []

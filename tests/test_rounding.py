@@ -240,6 +240,9 @@ def test_rounding_verdict_keeps_the_multiple_only_where_it_buys_measured_speed(s
     assert ("unrounded plan is kept" in got[1]) is keep and f"{abs(slower):.1%}" in got[1]
     assert rounding_verdict(_verdict_detail(0.01, mode="auto"), 0.02) is None  # --round-to measured decides per group
     assert rounding_verdict({"mode": "global", "round_to": 16}, 0.02) is None  # not timed: the multiple stays, no verdict
+    noisy = {"mode": "global", "round_to": 16, "latency": {"rounded_cut": 0.2, "same_plan": False, "error": "latency measurement too noisy"}}
+    keep_rounded, why = rounding_verdict(noisy, 0.02)
+    assert keep_rounded is False and "could not be compared (latency measurement too noisy)" in why
 
 
 def test_unrounded_plan_is_written_when_rounding_buys_no_speed(tmp_path):
