@@ -35,7 +35,7 @@ from .input_shapes import resolve as resolve_shapes
 from .normalize import normalize_constants
 from .importance import CRITERIA, score_units
 from .plan import PruningPlan
-from .report import GroupRow, PruneReport
+from .report import GroupRow, PruneReport, primary_pair
 from .rewrite import apply_mask
 from .runtime import largest_activation, lean_batch
 from .sensitivity import DEFAULT_GRID, analyze
@@ -408,15 +408,16 @@ def unrounded_latency(cg: ChannelGraph, mask: np.ndarray, unrounded: np.ndarray,
         return {"rounded_cut": measured["measured_cut"], "same_plan": False, "error": str(exc).split(". To fix")[0]}
     rounded_ms = measured["pruned_ms"]
     return {"rounded_cut": measured["measured_cut"], "unrounded_cut": 1 - (1 - measured["measured_cut"]) * m.ratio,
-            "unrounded_vs_rounded": m.ratio - 1, "spread": m.spread, "rounded_ms": rounded_ms, "unrounded_ms": rounded_ms * m.ratio,
+            "unrounded_vs_rounded": m.ratio - 1, "spread": m.spread, "rounds": m.rounds, "rounded_ms": rounded_ms, "unrounded_ms": rounded_ms * m.ratio,
             "original_ms": measured["original_ms"], "same_plan": False}
 
 
 def rounding_verdict(r: Mapping, tolerance: float) -> tuple[bool, str] | None:
     """``--round-to auto --measure-latency``: ``(keep_unrounded, why)``, or None when the unrounded
-    plan was not timed against the rounded one. The multiple stays unless the unrounded plan measured
-    at most ``tolerance`` slower than the rounded one and, when both were evaluated, it is at least
-    as accurate: a multiple that buys no measured speed only costs accuracy and MAC precision."""
+    plan was not timed against the rounded one. The multiple stays unless the unrounded plan is no
+    more than ``tolerance`` slower than the rounded one, with one standard error of the measured
+    median added (so a noisy comparison keeps the multiple), and, when both were evaluated, it is at
+    least as accurate: a multiple that buys no measured speed only costs accuracy and MAC precision."""
     lat = r.get("latency") or {}
     if r.get("mode") != "global" or not lat or lat.get("same_plan"):
         return None
@@ -424,16 +425,18 @@ def rounding_verdict(r: Mapping, tolerance: float) -> tuple[bool, str] | None:
     if "error" in lat:
         return False, f"kept multiples of {m}: the unrounded plan could not be compared ({lat['error']})"
     slower = lat["unrounded_vs_rounded"]
-    speed = f"the unrounded plan measured {abs(slower):.1%} {'slower' if slower > 0 else 'faster'} than multiples of {m}"
-    if slower > tolerance:
-        return False, f"kept multiples of {m}: {speed} (more than --latency-tolerance {tolerance:.0%})"
-    acc = r.get("accuracy") or {}
-    key = "top1" if (acc.get("rounded") or {}).get("top1") is not None else "agreement"
-    a, b = (acc.get("rounded") or {}).get(key), (acc.get("unrounded") or {}).get(key)
-    if a is not None and b is not None and b < a:
-        return False, f"kept multiples of {m}: {speed} (within --latency-tolerance {tolerance:.0%}) but its {key} is lower ({100 * b:.2f}% vs {100 * a:.2f}%)"
-    tail = f", and its {key} is not lower ({100 * b:.2f}% vs {100 * a:.2f}%)" if a is not None and b is not None else ""
-    return True, f"rounding bought no measured speed, so the unrounded plan is kept: {speed} (within --latency-tolerance {tolerance:.0%}){tail}"
+    # standard error of a median: 1.2533 sigma / sqrt(n), sigma from the interquartile range (IQR / 1.349)
+    se = 1.2533 * lat.get("spread", 0.0) * (1 + slower) / 1.349 / max(lat.get("rounds", 1), 1) ** 0.5
+    tol = f"--latency-tolerance {100 * tolerance:g}%"
+    speed = (f"the unrounded plan measured {abs(slower):.1%} {'slower' if slower > 0 else 'faster'} than multiples of {m} "
+             f"(standard error {se:.1%})")
+    if slower + se > tolerance:
+        return False, f"kept multiples of {m}: {speed}, not within {tol}"
+    pair = primary_pair(r.get("accuracy") or {})
+    if pair is not None and pair[2] < pair[1]:
+        return False, f"kept multiples of {m}: {speed}, within {tol}, but its {pair[0]} is lower ({100 * pair[2]:.2f}% vs {100 * pair[1]:.2f}%)"
+    tail = f", and its {pair[0]} is not lower ({100 * pair[2]:.2f}% vs {100 * pair[1]:.2f}%)" if pair else ""
+    return True, f"rounding bought no measured speed, so the unrounded plan is kept: {speed}, within {tol}{tail}"
 
 
 def rounding_setup(cg: ChannelGraph, options: PruneOptions, progress: StageProgress):
@@ -687,14 +690,16 @@ def prune(
         r = detail["rounding"]
         detail["round_to"] = 1
         detail.update({k: v for k, v in unrounded.detail.items() if k != "round_to"})
-        timed = r["latency"]
-        detail["latency"].update(pruned_ms=timed["unrounded_ms"], measured_cut=timed["unrounded_cut"], macs_cut=1 - after.total_macs / max(before.total_macs, 1))
-        from .latency_loop import measured_mac_note
+        # the latency line: the original timed against the plan written (its own rounds and spread)
+        from .latency_table import MeasurementError
 
+        timed, macs_cut = dict(r["latency"]), 1 - after.total_macs / max(before.total_macs, 1)
         detail.pop("latency_note", None)
-        note = measured_mac_note(timed["unrounded_cut"], detail["latency"]["macs_cut"])
-        if note:
-            detail["latency_note"] = note
+        try:
+            detail.update(mac_latency_detail(cg, mask, unpruned, options, macs_cut))
+        except MeasurementError as exc:  # too noisy this time: the figures of the comparison that decided, said so
+            detail["latency"].update(pruned_ms=timed["unrounded_ms"], measured_cut=timed["unrounded_cut"], macs_cut=macs_cut,
+                                     derived=f"original vs rounded x rounded vs unrounded ({str(exc).split('. To fix')[0]})")
         pruned = unpruned
         if evaluator is not None:
             acc = r["accuracy"]

@@ -138,13 +138,23 @@ def rounding_lines(detail: Mapping[str, Any]) -> list[str]:
     return [head, tail + (f"; {acc}" if acc else "")]
 
 
+def primary_pair(acc: Mapping[str, Any]) -> tuple[str, float, float] | None:
+    """``(metric, rounded, unrounded)`` from ``detail["rounding"]["accuracy"]``: the first of top1,
+    agreement, cosine that both plans have (as :meth:`~onnxprune.evaluate.Metrics.primary`), else None."""
+    for key in ("top1", "agreement", "cosine"):
+        a, b = (acc.get("rounded") or {}).get(key), (acc.get("unrounded") or {}).get(key)
+        if a is not None and b is not None:
+            return key, a, b
+    return None
+
+
 def _rounding_accuracy(r: Mapping[str, Any]) -> str | None:
     """``top1 after recovery 89.97% vs 90.41%`` from ``r["accuracy"]`` (with data), else None."""
     acc = r.get("accuracy") or {}
-    key = "top1" if (acc.get("rounded") or {}).get("top1") is not None else "agreement"
-    a, b = (acc.get("rounded") or {}).get(key), (acc.get("unrounded") or {}).get(key)
-    if a is None or b is None:
+    pair = primary_pair(acc)
+    if pair is None:
         return None
+    key, a, b = pair
     when = "after recovery" if acc["stage"] == "calibrated" else "pruned"
     return f"{key} {when} {100 * a:.2f}% vs {100 * b:.2f}%" + (" (same plan)" if acc.get("same_plan") else "")
 
