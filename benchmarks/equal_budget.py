@@ -372,7 +372,7 @@ def render(rows: list[BRow], meta: dict, final: bool) -> str:
                   "The full mode is `python benchmarks/quality.py --budget full` (needs an idle machine).", ""]
     if not final:
         lines += ["**Partial results (run in progress or interrupted).**", ""]
-    lines += ["| model | target | epochs | seed | pipeline | MACs reduction | latency cut b1 | top-1 before FT | top-1 after FT | vs unpruned | "
+    lines += ["| model | target | epochs | seed | pipeline | MACs reduction | latency change b1 | top-1 before FT | top-1 after FT | vs unpruned | "
               "val start → best | lr (pilot: lr → val) | best epoch | normalization | prune (s) | FT (s) | notes |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
@@ -429,7 +429,41 @@ def _latency_text(ox: list[BRow], tp: list[BRow]) -> str:
     a, b = [r.latency_cut for r in ox if r.latency_cut is not None], [r.latency_cut for r in tp if r.latency_cut is not None]
     if not a or not b:
         return ""
-    return f"; measured latency cut (batch 1) {-100 * _mean(a):+.1f}% vs {-100 * _mean(b):+.1f}%"
+    return f"; measured latency change (batch 1) {-100 * _mean(a):+.1f}% vs {-100 * _mean(b):+.1f}%"
+
+
+def combine(args) -> None:
+    """``quality.py --budget-combine A.json B.json``: the verdicts over the rows of several budget runs
+    (each JSON written with ``--json`` beside the ``.md`` of the same run, whose command and commit
+    are copied into the setup), e.g. seed 0 of every model and seeds 1-2 of the rows that decide.
+    A row repeated across files (same model, target, epochs, seed, pipeline) counts once, the first."""
+    from benchmarks.quality import DEMO, MODELS, top1
+
+    t0 = time.perf_counter()
+    prov = provenance.start(script="benchmarks/quality.py", argv=sys.argv[1:])
+    rows, seen, sources = [], set(), {}
+    for j in map(Path, args.budget_combine):
+        for d in json.loads(j.read_text()):
+            r = BRow(**d)
+            key = (r.model, r.target, r.epochs, r.seed, r.pipeline)
+            if key not in seen:
+                seen.add(key)
+                rows.append(r)
+        md = j.with_suffix(".md")
+        keep = [ln[2:] for ln in md.read_text().splitlines() if ln.startswith(("- command:", "- source:", "- date:"))] if md.is_file() else []
+        sources[f"rows from {j.name}"] = "; ".join(keep) or "(no .md beside it: command and commit unknown)"
+    x_te, y_te = load_split("test")
+    models = sorted({r.model for r in rows})
+    meta = {
+        "budget": "full", "subset": True, "t0": t0, "base": {m: top1(load_model(DEMO / f"{MODELS[m]}.onnx"), x_te, y_te) for m in models},
+        "budget_text": f"{len(rows)} rows of {len(sources)} runs combined: models {models}; seeds {sorted({r.seed for r in rows})}; "
+                       f"epochs {sorted({r.epochs for r in rows})}",
+        "setup": {"command": f"`{prov.command}`", "source": f"onnxprune commit {prov.commit} (this combination; the runs' own below)",
+                  "date": f"{prov.started:%Y-%m-%d %H:%M} UTC", **sources},
+    }
+    out = args.out or (ROOT / "benchmarks" / "results" / "quality_equal_budget_combined.md")
+    provenance.write_atomic(out, render(rows, meta, True))
+    print(Path(out).read_text())
 
 
 def _commit() -> str:

@@ -677,6 +677,8 @@ def parse(argv=None):
     g.add_argument("--budget-train-n", type=int, default=None, help="budget mode: training images (0 = the whole train split)")
     g.add_argument("--ablation", default=None, help="budget mode: MODEL:TARGET of the ablation rows, or none [default: first model, first target]")
     g.add_argument("--device", default="cpu", help="budget mode: torch device for both pipelines' training (cpu, cuda); ORT stays on CPU")
+    g.add_argument("--budget-combine", nargs="+", type=Path, default=None, metavar="JSON",
+                   help="verdicts over the rows of several budget runs (their --json files); writes --out")
     args = p.parse_args(argv)
     if args.budget:
         args.targets = args.targets if argv_has(argv, "--targets") else None
@@ -703,6 +705,11 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("onnxprune", "torch", "torch_pruning"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.budget_combine:
+        from benchmarks.equal_budget import combine
+
+        combine(args)
+        return
     if args.budget:
         from benchmarks.equal_budget import run_budget
 
