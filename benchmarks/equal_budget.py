@@ -497,15 +497,19 @@ def run_budget(args) -> None:
     out = args.out or (ROOT / "benchmarks" / "results" / f"quality_equal_budget_{args.budget}.md")
     abl = args.ablation or f"{cfg['models'][0]}:{cfg['targets'][0]}"
     abl_model, abl_target = (None, None) if abl == "none" else (abl.split(":")[0], float(abl.split(":")[1]))
+    abl_variants = [v for v in (args.ablation_variants.split(",") if getattr(args, "ablation_variants", None) else ABLATIONS) if v != "default"]
+    unknown = [v for v in abl_variants if v not in ABLATIONS]
+    if unknown:
+        raise SystemExit(f"unknown --ablation-variants {unknown}; choose from {sorted(ABLATIONS)}")
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="onnxprune_budget_") as tmp:
         workdir = Path(tmp)
         data = load_budget_data(cfg["train_n"], args.val_n, workdir)
         train_text = f"{len(data.x_train):,} training images" + ("" if cfg["train_n"] is None else " (seeded random subset of the 55,000-image train split)")
         meta = {
-            "budget": args.budget, "t0": t0, "base": {}, "subset": any(cfg[k] != BUDGETS[args.budget][k] for k in cfg) or abl_model is None,
+            "budget": args.budget, "t0": t0, "base": {}, "subset": any(cfg[k] != BUDGETS[args.budget][k] for k in cfg) or abl_model is None or len(abl_variants) < len(ABLATIONS) - 1,
             "budget_text": f"{', '.join(cfg['models'])}; targets {cfg['targets']}; {train_text}; epochs {cfg['epochs']}; seeds {cfg['seeds']}; "
-                           + (f"ablation on {abl_model} -{100 * abl_target:.0f}%" if abl_model else "no ablation rows (--ablation none)"),
+                           + (f"ablation on {abl_model} -{100 * abl_target:.0f}% ({', '.join(abl_variants)})" if abl_model else "no ablation rows (--ablation none)"),
             "setup": {
                 "command": "`python benchmarks/quality.py " + " ".join(sys.argv[1:]) + "`",
                 "source": f"onnxprune commit {_commit()} (working tree at the start of the run)",
@@ -542,7 +546,7 @@ def run_budget(args) -> None:
             for name, (path, original, tmodel, cache) in models.items():
                 for target in cfg["targets"]:
                     for epochs in cfg["epochs"]:
-                        variants = list(ABLATIONS) if (name, target) == (abl_model, abl_target) else ["default"]
+                        variants = ["default", *abl_variants] if (name, target) == (abl_model, abl_target) else ["default"]
                         default_row = None
                         for variant in variants:
                             try:

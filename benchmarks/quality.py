@@ -677,6 +677,7 @@ def parse(argv=None):
     g.add_argument("--budget-train-n", type=int, default=None, help="budget mode: training images (0 = the whole train split)")
     g.add_argument("--ablation", default=None, help="budget mode: MODEL:TARGET of the ablation rows, or none [default: first model, first target]")
     g.add_argument("--device", default="cpu", help="budget mode: torch device for both pipelines' training (cpu, cuda); ORT stays on CPU")
+    g.add_argument("--ablation-variants", default=None, help="budget mode: comma-separated ablation rows to run, e.g. 'round_to 1' [default: all]")
     g.add_argument("--budget-combine", nargs="+", type=Path, default=None, metavar="JSON",
                    help="verdicts over the rows of several budget runs (their --json files); writes --out")
     args = p.parse_args(argv)
