@@ -11,9 +11,9 @@ makes the plan coarser, which costs accuracy and overshoots the MAC target.
 Standalone layers miss what a layer off the block costs its neighbours in the
 full graph (ORT inserts NCHWc reorders around it). Measured in
 ``benchmarks/results/latency.md`` at batch 1 on CIFAR ResNet-56 at -30% MACs:
-the global multiple cut latency 25.1% (0.84x the MAC cut); this per-group
-rounding, which let some groups off the block, only 8.6% (0.29x). On VGG-16:
-0.87x vs 0.76x at -30%, 0.89x vs 0.79x at -50%. Timing the full model with one group
+the global multiple cut latency 23.6% (0.78x the MAC cut); this per-group
+rounding, which let some groups off the block, only 6.9% (0.23x). On VGG-16:
+0.78x vs 0.65x at -30%, 0.85x vs 0.71x at -50% (regenerated at 7061110). Timing the full model with one group
 changed does not rescue it: tried on ResNet-56 at batch 1 (30 groups, each about 3% of
 the time), four sessions of the *same* model differed by up to 5% in their fastest runs,
 so one group's step is lost in session-to-session noise. What can be measured reliably is
