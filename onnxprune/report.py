@@ -165,7 +165,7 @@ def latency_lines(detail: Mapping[str, Any]) -> list[str]:
     if lat:
         goal = f", target -{lat['target']:.1%}" if lat.get("target") is not None else f"; MACs -{lat['macs_cut']:.1%}"
         out.append(f"Latency (measured, {lat['settings']}): {lat['original_ms']:.3f} ms -> {lat['pruned_ms']:.3f} ms "
-                   f"({-lat['measured_cut']:+.1%}{goal}); spread {lat['spread']:.1%}")
+                   f"({-lat['measured_cut']:+.1%}{goal}); " + (f"derived: {lat['derived']}" if lat.get("derived") else f"spread {lat['spread']:.1%}"))
     if lat.get("target") is not None:
         out.append(f"Predicted {lat['predicted_ms']:.3f} ms (-{lat['predicted_cut']:.1%}), error {lat['error']:+.1%} vs measured")
         for it in lat.get("iterations", ()):
