@@ -35,6 +35,9 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------- metrics
+PRIMARY_METRICS = ("top1", "agreement", "cosine")  # the metric to optimize: the first one present
+
+
 @dataclass(frozen=True)
 class Metrics:
     """Scores of one model on one dataset (fractions in [0, 1]; None when not measurable).
@@ -57,7 +60,7 @@ class Metrics:
 
     def primary(self) -> tuple[str, float]:
         """The metric to optimize: top1 with labels, else agreement (classifiers), else cosine."""
-        for name in ("top1", "agreement", "cosine"):
+        for name in PRIMARY_METRICS:
             value = getattr(self, name)
             if value is not None:
                 return name, value

@@ -141,7 +141,9 @@ def rounding_lines(detail: Mapping[str, Any]) -> list[str]:
 def primary_pair(acc: Mapping[str, Any]) -> tuple[str, float, float] | None:
     """``(metric, rounded, unrounded)`` from ``detail["rounding"]["accuracy"]``: the first of top1,
     agreement, cosine that both plans have (as :meth:`~onnxprune.evaluate.Metrics.primary`), else None."""
-    for key in ("top1", "agreement", "cosine"):
+    from .evaluate import PRIMARY_METRICS
+
+    for key in PRIMARY_METRICS:
         a, b = (acc.get("rounded") or {}).get(key), (acc.get("unrounded") or {}).get(key)
         if a is not None and b is not None:
             return key, a, b
