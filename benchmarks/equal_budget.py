@@ -19,7 +19,10 @@ seed:
   BatchNorm layers training: SGD momentum 0.9, weight decay 5e-4, cosine with
   the same warm-up, batch 64, the same crop+flip, cross-entropy; its lr chosen
   by the same pilot (same candidates, steps and val images), best epoch kept
-  by the same val split; exported with ``models/export.py``. Torch-Pruning
+  by the same val split; exported with ``models/export.py``. Its ratio is
+  searched on conv + FC MACs counted in torch (``quality.conv_fc_macs``, the
+  convention of ``onnxprune.flops``); runs before 2026-12-02 searched on
+  Torch-Pruning's own counter, which also counts BatchNorm and activations. Torch-Pruning
   tries ``round_to`` None, 2, 4, 8 and keeps the first whose reduction lands
   within 2 points of the ask: it mis-traces the zero-padding shortcuts of the
   demo ResNet-20 at some multiples. When its reduction still differs from
@@ -345,7 +348,7 @@ def tp_run(name, tmodel, original, data: BData, workdir: Path, *, target, at, ep
     row.after = top1(out, data.x_test, data.y_test)
     row.val_start, row.val_best, row.best_epoch = vals[0], max(vals), best
     row.lr, row.pilot, row.normalization = lr, pilot, "BatchNorm layers (torch)"
-    row.note = (f"pruning_ratio {ratio:.4g}, round_to {rt} (tp counter -{100 * tp_red:.1f}% MACs, asked -{100 * at:.1f}%)"
+    row.note = (f"pruning_ratio {ratio:.4g}, round_to {rt} (-{100 * tp_red:.1f}% conv+FC MACs counted in torch, asked -{100 * at:.1f}%)"
                 + (f"; not {', '.join(tried)}" if tried else ""))
     row.latency_cut = latency_cut(original, out, data.x_test)
     return row
@@ -509,7 +512,8 @@ def run_budget(args) -> None:
         meta = {
             "budget": args.budget, "t0": t0, "base": {}, "subset": any(cfg[k] != BUDGETS[args.budget][k] for k in cfg) or abl_model is None or len(abl_variants) < len(ABLATIONS) - 1,
             "budget_text": f"{', '.join(cfg['models'])}; targets {cfg['targets']}; {train_text}; epochs {cfg['epochs']}; seeds {cfg['seeds']}; "
-                           + (f"ablation on {abl_model} -{100 * abl_target:.0f}% ({', '.join(abl_variants)})" if abl_model else "no ablation rows (--ablation none)"),
+                           + (f"ablation on {abl_model} -{100 * abl_target:.0f}% ({', '.join(abl_variants)})"
+                              + (f", seeds {args.ablation_seeds}" if args.ablation_seeds else "") if abl_model else "no ablation rows (--ablation none)"),
             "setup": {
                 "command": "`python benchmarks/quality.py " + " ".join(sys.argv[1:]) + "`",
                 "source": f"onnxprune commit {_commit()} (working tree at the start of the run)",
@@ -546,7 +550,8 @@ def run_budget(args) -> None:
             for name, (path, original, tmodel, cache) in models.items():
                 for target in cfg["targets"]:
                     for epochs in cfg["epochs"]:
-                        variants = ["default", *abl_variants] if (name, target) == (abl_model, abl_target) else ["default"]
+                        abl_here = (name, target) == (abl_model, abl_target) and (not args.ablation_seeds or seed in args.ablation_seeds)
+                        variants = ["default", *abl_variants] if abl_here else ["default"]
                         default_row = None
                         for variant in variants:
                             try:

