@@ -119,7 +119,10 @@ def rounding_lines(detail: Mapping[str, Any]) -> list[str]:
         out = [f"Note: {r['note']}"] if r.get("note") else []
         if "round_to" not in r:
             return out
-        head = (f"Rounding cost (every group on multiples of {r['round_to']}; --round-to 1 for none): "
+        n = r.get("narrow_groups", 0)
+        on = (f"every group on multiples of {r['round_to']}" if not n else
+              f"groups on multiples of {r['round_to']}, {n} narrower one{'s' if n > 1 else ''} of {max(r['round_to'] // 4, 1)}")
+        head = (f"Rounding cost ({on}; --round-to 1 for none): "
                 f"MACs -{r['reduction']:.1%} vs -{r['unrounded_reduction']:.1%} unrounded")
         lat = r.get("latency") or {}
         parts = [f"measured latency {-lat['rounded_cut']:+.1%} vs {-lat['unrounded_cut']:+.1%} unrounded"] if "unrounded_cut" in lat else []

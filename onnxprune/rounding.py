@@ -411,12 +411,14 @@ def allocate_rounded(rnd: AutoRounding, cg: ChannelGraph, run: Callable[[allocat
 
 
 def global_rounding_detail(cg: ChannelGraph, rounded: np.ndarray, unrounded: np.ndarray, round_to: int) -> dict:
-    """Report detail for ``--round-to auto`` (every group on one multiple): MAC reductions of the
-    rounded and the unrounded (round-to 1) plan from the same data; the caller adds accuracy
-    (with data) and measured latency (with ``--measure-latency``)."""
+    """Report detail for ``--round-to auto`` (every group on one multiple, the groups narrower than
+    it on a quarter of it: :func:`onnxprune.allocate.achievable`): MAC reductions of the rounded
+    and the unrounded (round-to 1) plan from the same data; the caller adds accuracy (with data)
+    and measured latency (with ``--measure-latency``)."""
     return {
         "mode": "global",
         "round_to": int(round_to),
+        "narrow_groups": sum(1 for g in cg.prunable_groups if g.channels < round_to),
         "reduction": 1 - cg.macs(rounded) / cg.total_macs,
         "unrounded_reduction": 1 - cg.macs(unrounded) / cg.total_macs,
         "unrounded_keep": {g.id: int(unrounded[list(g.units)].sum()) for g in cg.prunable_groups},

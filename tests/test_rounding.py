@@ -281,3 +281,12 @@ def test_unrounded_plan_is_written_when_rounding_buys_no_speed(tmp_path):
     logits = sess.run(None, {sess.get_inputs()[0].name: ds.x.astype(np.float32)})[0]
     assert np.mean(logits.argmax(1) == ds.y) == pytest.approx(rep.metrics["calibrated"]["top1"])
     assert any(line.startswith("  Rounding bought no measured speed") for line in rep.summary_lines())
+
+
+def test_rounding_cost_line_names_the_groups_narrower_than_the_multiple():
+    from onnxprune.report import rounding_lines
+
+    base = {"mode": "global", "round_to": 16, "reduction": 0.503, "unrounded_reduction": 0.5}
+    assert rounding_lines({"rounding": base})[0].startswith("Rounding cost (every group on multiples of 16;")
+    head = rounding_lines({"rounding": {**base, "narrow_groups": 2}})[0]
+    assert head.startswith("Rounding cost (groups on multiples of 16, 2 narrower ones of 4; --round-to 1 for none): MACs -50.3% vs -50.0%")
