@@ -28,6 +28,10 @@ seed:
   demo ResNet-20 at some multiples. When its reduction still differs from
   onnxprune's by more than a point, onnxprune's default pipeline runs again at
   Torch-Pruning's reduction (``@ TP's MACs``) and the verdict uses that row.
+* ``--decisive-only`` (saves a fine-tuning per pair where Torch-Pruning
+  lands more than a point away): onnxprune's default row is pruned and scored
+  first and fine-tuned only when it decides the verdict; otherwise only the
+  row at Torch-Pruning's MACs is fine-tuned.
 * **Ablation** (one model/target, ``--ablation``): the default pipeline with
   one change each: ``normalization="folded"``, ``lr=0.01`` (no pilot),
   no distillation, ``round_to=1``.
@@ -133,8 +137,9 @@ def load_budget_data(train_n: int | None, val_n: int, workdir: Path) -> BData:
 
 # --------------------------------------------------------------------------- onnxprune side
 def onnxprune_run(name, path, original, data: BData, cache, *, target, epochs, seed, variant: str, at: float | None = None,
-                  device: str = "cpu") -> BRow:
-    """One onnxprune row; ``at`` prunes to that reduction instead of ``target`` (the row stays listed under ``target``)."""
+                  device: str = "cpu", tune: bool = True) -> BRow:
+    """One onnxprune row; ``at`` prunes to that reduction instead of ``target`` (the row stays listed under ``target``);
+    ``tune=False``: pruned and scored, not fine-tuned (``--decisive-only``)."""
     from benchmarks.quality import macs_params, top1
 
     prune_over, ft_over, distill = ABLATIONS[variant]
@@ -146,6 +151,9 @@ def onnxprune_run(name, path, original, data: BData, cache, *, target, epochs, s
     row.reduction = 1.0 - macs_params(res.model)[0] / base_macs
     row.before = top1(res.model, data.x_test, data.y_test)
     rt = res.report.round_to
+    if not tune:
+        row.note = f"round_to {rt}; not fine-tuned (--decisive-only: the row at Torch-Pruning's MACs decides)"
+        return row
     opts = FinetuneOptions(epochs=epochs, seed=seed, device=device, **ft_over)
     t0 = time.perf_counter()
     ft = finetune(res.model, data.x_train, data.y_train, val_x=data.x_val, val_y=data.y_val, teacher=original if distill else None, options=opts)
@@ -554,9 +562,10 @@ def run_budget(args) -> None:
                         variants = ["default", *abl_variants] if abl_here else ["default"]
                         default_row = None
                         for variant in variants:
+                            deferred = variant == "default" and args.decisive_only  # fine-tuned below only if it decides
                             try:
                                 r = onnxprune_run(name, path, original, data, cache, target=target, epochs=epochs, seed=seed, variant=variant,
-                                                  device=args.device)
+                                                  device=args.device, tune=not deferred)
                             except Exception as exc:  # noqa: BLE001 - a benchmark reports failures and goes on
                                 log.exception("%s %s %s failed", name, target, variant)
                                 r = BRow(name, target, epochs, seed, f"onnxprune, {variant}", note=f"failed: {type(exc).__name__}: {str(exc)[:200]}")
@@ -577,6 +586,15 @@ def run_budget(args) -> None:
                                 log.info("%s -%d%% %de s%d TP: -%.1f%% MACs, %s -> %s (lr %s), %.0fs", name, 100 * target, epochs, seed,
                                          100 * t.reduction, _f(t.before), _f(t.after), t.lr, t.ft_s)
                                 emit()
+                                if deferred and not (t.after is not None and abs(t.reduction - default_row.reduction) > EQUAL_GAP):
+                                    try:  # equal MACs after all (or no Torch-Pruning row): the default row decides, so tune it
+                                        full = onnxprune_run(name, path, original, data, cache, target=target, epochs=epochs, seed=seed,
+                                                             variant="default", device=args.device)
+                                    except Exception as exc:  # noqa: BLE001
+                                        log.exception("%s %s default failed", name, target)
+                                        full = BRow(name, target, epochs, seed, "onnxprune default", note=f"failed: {type(exc).__name__}: {str(exc)[:200]}")
+                                    rows[rows.index(default_row)] = full
+                                    emit()
                                 if t.after is not None and abs(t.reduction - default_row.reduction) > EQUAL_GAP:
                                     try:
                                         e = onnxprune_run(name, path, original, data, cache, target=target, epochs=epochs, seed=seed,

@@ -706,6 +706,8 @@ def parse(argv=None):
     g.add_argument("--budget-train-n", type=int, default=None, help="budget mode: training images (0 = the whole train split)")
     g.add_argument("--ablation", default=None, help="budget mode: MODEL:TARGET of the ablation rows, or none [default: first model, first target]")
     g.add_argument("--device", default="cpu", help="budget mode: torch device for both pipelines' training (cpu, cuda); ORT stays on CPU")
+    g.add_argument("--decisive-only", action="store_true",
+                   help="budget mode: fine-tune onnxprune's default row only when it decides the verdict (not when the row at Torch-Pruning's MACs does)")
     g.add_argument("--ablation-seeds", nargs="+", type=int, default=None, help="budget mode: seeds that also run the ablation rows [default: every seed]")
     g.add_argument("--ablation-variants", default=None, help="budget mode: comma-separated ablation rows to run, e.g. 'round_to 1' [default: all]")
     g.add_argument("--budget-combine", nargs="+", type=Path, default=None, metavar="JSON",
