@@ -422,7 +422,7 @@ def verdicts(rows: list[BRow]) -> list[str]:
         ox = [r for r in rows if (r.model, r.target, r.epochs, r.pipeline) == (m, t, e, "onnxprune default") and r.after is not None]
         tp = [r for r in rows if (r.model, r.target, r.epochs, r.pipeline) == (m, t, e, "Torch-Pruning") and r.after is not None]
         eq = [r for r in rows if (r.model, r.target, r.epochs, r.pipeline) == (m, t, e, "onnxprune default" + AT_TP) and r.after is not None]
-        if not ox or not tp:
+        if not tp or not (ox or eq):  # with --decisive-only the default row may be untuned when the row at TP's MACs decides
             continue
         label = "onnxprune default"
         if eq:  # Torch-Pruning could not reach onnxprune's reduction: compare at Torch-Pruning's
