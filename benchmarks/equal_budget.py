@@ -396,8 +396,10 @@ def render(rows: list[BRow], meta: dict, final: bool) -> str:
             f"{r.normalization or '—'} | {r.prune_s:.0f} | {r.ft_s:.0f} | {r.note} |")
     lines += ["", "Unpruned test top-1: " + ", ".join(f"{m} {v:.2f}" for m, v in base.items()) + ".", "", "## Verdicts (mean over seeds, test top-1)", ""]
     lines += verdicts(rows) or ["- no complete pair yet"]
-    lines += ["", "## Ablation (mean over seeds; each row changes one thing in the default pipeline)", "",
-              "| model | target | epochs | variant | seeds | MACs reduction | top-1 after FT | vs default | val best |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += ["", "## Ablation (mean over seeds; each row changes one thing in the default pipeline; "
+              "'vs default' against the default rows of the same seeds)", "",
+              "| model | target | epochs | variant | seeds | MACs reduction | latency change b1 | top-1 after FT | vs default | val best |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     variants = {"onnxprune default"} | {f"onnxprune, {v}" for v in ABLATIONS if v != "default"}
     keyed = {}
     for r in rows:
@@ -406,9 +408,12 @@ def render(rows: list[BRow], meta: dict, final: bool) -> str:
     for (m, t, e, p), rs in keyed.items():
         if not any(k[:3] == (m, t, e) and k[3] != "onnxprune default" for k in keyed):
             continue
-        d = keyed.get((m, t, e, "onnxprune default"), [])
+        seeds = {r.seed for r in rs}  # against the default rows of the same seeds
+        d = [r for r in keyed.get((m, t, e, "onnxprune default"), []) if r.seed in seeds and r.after is not None]
         diff = None if not d else _mean([r.after for r in rs]) - _mean([r.after for r in d])
+        lat = _mean([r.latency_cut for r in rs])
         lines.append(f"| {m} | -{100 * t:.0f}% | {e} | {p.replace('onnxprune, ', '')} | {len(rs)} | -{100 * _mean([r.reduction for r in rs]):.1f}% | "
+                     f"{'—' if lat is None else f'{-100 * lat:+.1f}%'} | "
                      f"{_f(_mean([r.after for r in rs]))} | {_f(diff, '+.2f') if p != 'onnxprune default' else '—'} | {_f(_mean([r.val_best for r in rs]))} |")
     lines += ["", "## Setup", ""] + [f"- {k}: {v}" for k, v in meta["setup"].items()]
     lines += ["", f"Total wall time {time.perf_counter() - meta['t0']:.0f} s."]
@@ -447,22 +452,26 @@ def combine(args) -> None:
     """``quality.py --budget-combine A.json B.json``: the verdicts over the rows of several budget runs
     (each JSON written with ``--json`` beside the ``.md`` of the same run, whose command and commit
     are copied into the setup), e.g. seed 0 of every model and seeds 1-2 of the rows that decide.
-    A row repeated across files (same model, target, epochs, seed, pipeline) counts once, the first."""
+    Each pair (model, target, epochs, seed: onnxprune's rows, Torch-Pruning's, the ablation) comes
+    whole from the first file that holds it, so a rerun listed first replaces an older run's pair
+    and rows of two runs never mix within a pair."""
     from benchmarks.quality import DEMO, MODELS, top1
 
     t0 = time.perf_counter()
     prov = provenance.start(script="benchmarks/quality.py", argv=sys.argv[1:])
-    rows, seen, sources = [], set(), {}
+    rows, owner, sources = [], {}, {}
     for j in map(Path, args.budget_combine):
         for d in json.loads(j.read_text()):
             r = BRow(**d)
-            key = (r.model, r.target, r.epochs, r.seed, r.pipeline)
-            if key not in seen:
-                seen.add(key)
+            pair = (r.model, r.target, r.epochs, r.seed)
+            if owner.setdefault(pair, j) == j:
                 rows.append(r)
+        dropped = sorted({f"{m} -{100 * t:.0f}% seed {sd}" for (m, t, e, sd), o in owner.items() if o != j
+                          for d in json.loads(j.read_text()) if (d["model"], d["target"], d["epochs"], d["seed"]) == (m, t, e, sd)})
         md = j.with_suffix(".md")
         keep = [ln[2:] for ln in md.read_text().splitlines() if ln.startswith(("- command:", "- source:", "- date:"))] if md.is_file() else []
-        sources[f"rows from {j.name}"] = "; ".join(keep) or "(no .md beside it: command and commit unknown)"
+        sources[f"rows from {j.name}"] = ("; ".join(keep) or "(no .md beside it: command and commit unknown)") + (
+            f"; its pairs {', '.join(dropped)} come from a file listed earlier" if dropped else "")
     x_te, y_te = load_split("test")
     models = sorted({r.model for r in rows})
     meta = {
