@@ -345,10 +345,12 @@ def unexpected_blocks(cg, model: onnx.ModelProto, exclude) -> list[str]:
 
 def max_reduction(cg, model: onnx.ModelProto, round_to: int) -> float:
     """The largest MAC reduction at channel multiples of ``round_to``, counted on the rewritten graph:
-    every prunable group keeps ``round_to`` channels (all when it has no more), every Split part one."""
+    every prunable group keeps ``round_to`` channels, a group narrower than that a quarter of it
+    (at least one; all when it has no more), every Split part one."""
     mask = cg.full_mask()
     for g in cg.prunable_groups:
-        mask[list(g.units[min(round_to, g.channels):])] = False
+        floor = round_to if g.channels >= round_to else min(max(round_to // 4, 1), g.channels)
+        mask[list(g.units[floor:])] = False
     for _, units in cg.segments:
         if len(units) and not mask[units].any():
             mask[units[0]] = True
