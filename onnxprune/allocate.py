@@ -54,6 +54,11 @@ class Allocation:
         return 1.0 - self.macs / self.total_macs if self.total_macs else 0.0
 
 
+def narrow_step(round_to: int) -> int:
+    """The step of a group narrower than ``round_to`` (a quarter of it, at least 1): :func:`achievable`."""
+    return max(round_to // 4, 1)
+
+
 def achievable(channels: int, round_to: int, *, narrow: bool = True) -> np.ndarray:
     """Kept counts a group may have, ascending: multiples of ``round_to`` and the full count.
 
@@ -72,7 +77,7 @@ def achievable(channels: int, round_to: int, *, narrow: bool = True) -> np.ndarr
         raise UsageError(f"--round-to must be >= 1, got {round_to}", fix="use --round-to 1 to disable rounding")
     if round_to == 1:
         return np.arange(1, channels + 1)
-    step = round_to if channels >= round_to or not narrow else max(round_to // 4, 1)
+    step = round_to if channels >= round_to or not narrow else narrow_step(round_to)
     vals = list(range(step, channels, step)) + [channels]
     return np.array(sorted(set(vals)))
 

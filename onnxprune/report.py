@@ -121,7 +121,7 @@ def rounding_lines(detail: Mapping[str, Any]) -> list[str]:
             return out
         n = r.get("narrow_groups", 0)
         on = (f"every group on multiples of {r['round_to']}" if not n else
-              f"groups on multiples of {r['round_to']}, {n} narrower one{'s' if n > 1 else ''} of {max(r['round_to'] // 4, 1)}")
+              f"groups on multiples of {r['round_to']}, {n} narrower one{'s' if n > 1 else ''} of {r['narrow_step']}")
         head = (f"Rounding cost ({on}; --round-to 1 for none): "
                 f"MACs -{r['reduction']:.1%} vs -{r['unrounded_reduction']:.1%} unrounded")
         lat = r.get("latency") or {}

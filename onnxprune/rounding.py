@@ -419,6 +419,7 @@ def global_rounding_detail(cg: ChannelGraph, rounded: np.ndarray, unrounded: np.
         "mode": "global",
         "round_to": int(round_to),
         "narrow_groups": sum(1 for g in cg.prunable_groups if g.channels < round_to),
+        "narrow_step": allocate.narrow_step(int(round_to)),
         "reduction": 1 - cg.macs(rounded) / cg.total_macs,
         "unrounded_reduction": 1 - cg.macs(unrounded) / cg.total_macs,
         "unrounded_keep": {g.id: int(unrounded[list(g.units)].sum()) for g in cg.prunable_groups},

@@ -11,6 +11,7 @@ from onnxprune.flops import count
 from onnxprune.groups import find_groups
 from onnxprune.importance import score_units
 from onnxprune.rewrite import apply_mask
+from tests.test_latency import chain_model
 
 
 @pytest.fixture(scope="module")
@@ -119,29 +120,13 @@ def test_auto_rounding_uses_simd_block_and_halves_when_needed(zoo_export):
     assert all(k % 8 == 0 for k in kept)
 
 
-def _conv_chain(channels, hw=8) -> onnx.ModelProto:
-    """Conv-Relu chain ``channels[i] -> channels[i+1]`` (3x3, pad 1), dynamic batch."""
-    from onnx import TensorProto, helper
-
-    rng = np.random.default_rng(0)
-    nodes, inits, prev = [], [], "x"
-    for i, (cin, cout) in enumerate(zip(channels, channels[1:])):
-        inits.append(helper.make_tensor(f"w{i}", TensorProto.FLOAT, [cout, cin, 3, 3], rng.standard_normal(cout * cin * 9).astype(np.float32)))
-        nodes.append(helper.make_node("Conv", [prev, f"w{i}"], [f"c{i}"], name=f"conv{i}", kernel_shape=[3, 3], pads=[1, 1, 1, 1]))
-        nodes.append(helper.make_node("Relu", [f"c{i}"], [f"r{i}"], name=f"relu{i}"))
-        prev = f"r{i}"
-    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", channels[0], hw, hw])],
-                              [helper.make_tensor_value_info(prev, TensorProto.FLOAT, ["N", channels[-1], hw, hw])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
-
-
 def test_groups_narrower_than_the_multiple_shrink_but_do_not_choose_it():
     """12-channel groups at multiples of 16 take quarter steps instead of staying frozen, but
     ``--round-to auto`` picks its multiple with them frozen: their quarter steps must not make a
     coarse multiple "reachable" for every wide group (what the demo ResNet-20 showed)."""
     from onnxprune.api import _with_rounding
 
-    cg = find_groups(_conv_chain((3, 12, 12, 32, 10)))
+    cg = find_groups(chain_model((3, 12, 12, 32, 10)))
     scores = score_units(cg, "l1")
     by_width = {g.channels: g.id for g in cg.prunable_groups}
     assert sorted(g.channels for g in cg.prunable_groups) == [12, 12, 32]

@@ -288,5 +288,5 @@ def test_rounding_cost_line_names_the_groups_narrower_than_the_multiple():
 
     base = {"mode": "global", "round_to": 16, "reduction": 0.503, "unrounded_reduction": 0.5}
     assert rounding_lines({"rounding": base})[0].startswith("Rounding cost (every group on multiples of 16;")
-    head = rounding_lines({"rounding": {**base, "narrow_groups": 2}})[0]
+    head = rounding_lines({"rounding": {**base, "narrow_groups": 2, "narrow_step": 4}})[0]
     assert head.startswith("Rounding cost (groups on multiples of 16, 2 narrower ones of 4; --round-to 1 for none): MACs -50.3% vs -50.0%")
