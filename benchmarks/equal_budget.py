@@ -167,6 +167,15 @@ def onnxprune_run(name, path, original, data: BData, cache, *, target, epochs, s
     return row
 
 
+def _attempt(run, fallback: BRow) -> BRow:
+    """``run()``, or ``fallback`` with the error in its note: a benchmark reports a failed row and goes on."""
+    try:
+        return run()
+    except Exception as exc:  # noqa: BLE001
+        log.exception("%s -%d%% seed %d %s failed", fallback.model, 100 * fallback.target, fallback.seed, fallback.pipeline)
+        return dataclasses.replace(fallback, note=f"failed: {type(exc).__name__}: {str(exc)[:200]}")
+
+
 def _pct(v):
     return None if v is None else 100.0 * v
 
@@ -450,8 +459,8 @@ def _latency_text(ox: list[BRow], tp: list[BRow]) -> str:
 
 def combine(args) -> None:
     """``quality.py --budget-combine A.json B.json``: the verdicts over the rows of several budget runs
-    (each JSON written with ``--json`` beside the ``.md`` of the same run, whose command and commit
-    are copied into the setup), e.g. seed 0 of every model and seeds 1-2 of the rows that decide.
+    (each JSON written with ``--json``; its setup, or for older files the ``.md`` of the same run,
+    gives the command and commit copied into the setup), e.g. seed 0 of every model and seeds 1-2 of the rows that decide.
     Each pair (model, target, epochs, seed: onnxprune's rows, Torch-Pruning's, the ablation) comes
     whole from the first file that holds it, so a rerun listed first replaces an older run's pair
     and rows of two runs never mix within a pair."""
@@ -461,15 +470,21 @@ def combine(args) -> None:
     prov = provenance.start(script="benchmarks/quality.py", argv=sys.argv[1:])
     rows, owner, sources = [], {}, {}
     for j in map(Path, args.budget_combine):
-        for d in json.loads(j.read_text()):
+        saved = json.loads(j.read_text())  # {"setup", "rows"}; files written before the setup was kept: the rows alone
+        dropped = set()
+        for d in saved["rows"] if isinstance(saved, dict) else saved:
             r = BRow(**d)
             pair = (r.model, r.target, r.epochs, r.seed)
             if owner.setdefault(pair, j) == j:
                 rows.append(r)
-        dropped = sorted({f"{m} -{100 * t:.0f}% seed {sd}" for (m, t, e, sd), o in owner.items() if o != j
-                          for d in json.loads(j.read_text()) if (d["model"], d["target"], d["epochs"], d["seed"]) == (m, t, e, sd)})
-        md = j.with_suffix(".md")
-        keep = [ln[2:] for ln in md.read_text().splitlines() if ln.startswith(("- command:", "- source:", "- date:"))] if md.is_file() else []
+            else:
+                dropped.add(f"{r.model} -{100 * r.target:.0f}% seed {r.seed}")
+        dropped = sorted(dropped)
+        if isinstance(saved, dict):
+            keep = [f"{k}: {saved['setup'][k]}" for k in ("command", "source", "date") if k in saved["setup"]]
+        else:  # the command and commit are in the .md of the same run
+            md = j.with_suffix(".md")
+            keep = [ln[2:] for ln in md.read_text().splitlines() if ln.startswith(("- command:", "- source:", "- date:"))] if md.is_file() else []
         sources[f"rows from {j.name}"] = ("; ".join(keep) or "(no .md beside it: command and commit unknown)") + (
             f"; its pairs {', '.join(dropped)} come from a file listed earlier" if dropped else "")
     x_te, y_te = load_split("test")
@@ -553,7 +568,7 @@ def run_budget(args) -> None:
             out.parent.mkdir(parents=True, exist_ok=True)
             provenance.write_atomic(out, render(rows, meta, final))
             if args.json:
-                provenance.write_atomic(args.json, json.dumps([dataclasses.asdict(r) for r in rows], indent=1))
+                provenance.write_atomic(args.json, json.dumps({"setup": meta["setup"], "rows": [dataclasses.asdict(r) for r in rows]}, indent=1))
 
         models = {}
         for name in cfg["models"]:
@@ -572,45 +587,33 @@ def run_budget(args) -> None:
                         default_row = None
                         for variant in variants:
                             deferred = variant == "default" and args.decisive_only  # fine-tuned below only if it decides
-                            try:
-                                r = onnxprune_run(name, path, original, data, cache, target=target, epochs=epochs, seed=seed, variant=variant,
-                                                  device=args.device, tune=not deferred)
-                            except Exception as exc:  # noqa: BLE001 - a benchmark reports failures and goes on
-                                log.exception("%s %s %s failed", name, target, variant)
-                                r = BRow(name, target, epochs, seed, f"onnxprune, {variant}", note=f"failed: {type(exc).__name__}: {str(exc)[:200]}")
+                            r = _attempt(lambda: onnxprune_run(name, path, original, data, cache, target=target, epochs=epochs, seed=seed,
+                                                               variant=variant, device=args.device, tune=not deferred),
+                                         BRow(name, target, epochs, seed, f"onnxprune, {variant}"))
                             rows.append(r)
                             log.info("%s -%d%% %de s%d %s: -%.1f%% MACs, %s -> %s (lr %s, %s), %.0f+%.0fs", name, 100 * target, epochs, seed,
                                      r.pipeline, 100 * r.reduction, _f(r.before), _f(r.after), r.lr, r.normalization, r.prune_s, r.ft_s)
                             emit()
                             if variant == "default":
                                 default_row = r
-                                try:
-                                    at = max(target, default_row.reduction)
-                                    t = tp_run(name, tmodel, original, data, workdir, target=target, at=at, epochs=epochs, seed=seed,
-                                               device=args.device)
-                                except Exception as exc:  # noqa: BLE001
-                                    log.exception("%s %s Torch-Pruning failed", name, target)
-                                    t = BRow(name, target, epochs, seed, "Torch-Pruning", note=f"failed: {type(exc).__name__}: {str(exc)[:200]}")
+                                t = _attempt(lambda: tp_run(name, tmodel, original, data, workdir, target=target, at=max(target, default_row.reduction),
+                                                            epochs=epochs, seed=seed, device=args.device),
+                                             BRow(name, target, epochs, seed, "Torch-Pruning"))
                                 rows.append(t)
                                 log.info("%s -%d%% %de s%d TP: -%.1f%% MACs, %s -> %s (lr %s), %.0fs", name, 100 * target, epochs, seed,
                                          100 * t.reduction, _f(t.before), _f(t.after), t.lr, t.ft_s)
                                 emit()
-                                if deferred and not (t.after is not None and abs(t.reduction - default_row.reduction) > EQUAL_GAP):
-                                    try:  # equal MACs after all (or no Torch-Pruning row): the default row decides, so tune it
-                                        full = onnxprune_run(name, path, original, data, cache, target=target, epochs=epochs, seed=seed,
-                                                             variant="default", device=args.device)
-                                    except Exception as exc:  # noqa: BLE001
-                                        log.exception("%s %s default failed", name, target)
-                                        full = BRow(name, target, epochs, seed, "onnxprune default", note=f"failed: {type(exc).__name__}: {str(exc)[:200]}")
-                                    rows[rows.index(default_row)] = full
+                                at_tp = t.after is not None and abs(t.reduction - default_row.reduction) > EQUAL_GAP
+                                if deferred and not at_tp:  # equal MACs after all (or no Torch-Pruning row): the default row decides, so tune it
+                                    rows[rows.index(default_row)] = _attempt(
+                                        lambda: onnxprune_run(name, path, original, data, cache, target=target, epochs=epochs, seed=seed,
+                                                              variant="default", device=args.device),
+                                        BRow(name, target, epochs, seed, "onnxprune default"))
                                     emit()
-                                if t.after is not None and abs(t.reduction - default_row.reduction) > EQUAL_GAP:
-                                    try:
-                                        e = onnxprune_run(name, path, original, data, cache, target=target, epochs=epochs, seed=seed,
-                                                          variant="default", at=round(t.reduction, 4), device=args.device)
-                                    except Exception as exc:  # noqa: BLE001
-                                        log.exception("%s %s at TP's MACs failed", name, target)
-                                        e = BRow(name, target, epochs, seed, "onnxprune default" + AT_TP, note=f"failed: {type(exc).__name__}: {str(exc)[:200]}")
+                                if at_tp:
+                                    e = _attempt(lambda: onnxprune_run(name, path, original, data, cache, target=target, epochs=epochs, seed=seed,
+                                                                       variant="default", at=round(t.reduction, 4), device=args.device),
+                                                 BRow(name, target, epochs, seed, "onnxprune default" + AT_TP))
                                     rows.append(e)
                                     log.info("%s -%d%% at TP's MACs: -%.1f%%, %s -> %s", name, 100 * target, 100 * e.reduction, _f(e.before), _f(e.after))
                                     emit()
